@@ -1,0 +1,1 @@
+"""goose: an RWKV-7 toolkit."""

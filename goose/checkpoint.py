@@ -1,0 +1,169 @@
+"""Checkpoint I/O: official RWKV-LM ``.pth`` and ``.safetensors`` with the same keys.
+
+Loading never runs pickled code (``weights_only=True``), validates every key and shape before a
+model is built (so a bad file raises and nothing is half-loaded), and names the RWKV version of
+files that are not RWKV-7.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .model import ModelConfig, RWKV7
+
+LAYER0_UNUSED = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, not a checkpoint, or not an RWKV-7 (x070) checkpoint."""
+
+
+def read_tensors(path: str | Path) -> dict[str, Tensor]:
+    """Read a ``.pth``/``.safetensors`` file into a dict of CPU tensors (memory-mapped where possible)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled objects other than tensors, which could run "
+            f"arbitrary code ({str(e).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt, or not a PyTorch file: {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                       for k, v in obj.items()):
+        raise CheckpointError(f"{path} is not a checkpoint: expected a flat dict of named tensors, "
+                              f"got {type(obj).__name__}")
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt, or not a safetensors file: {e}") from e
+
+
+def detect_version(sd: dict[str, Any]) -> str:
+    """Name the architecture a state dict belongs to: 'x070', 'x060', 'x052', 'v4', 'hf', or 'unknown'."""
+    keys = set(sd)
+    if any(k.startswith(("model.layers.", "model.embeddings.", "model.embed_tokens.")) for k in keys):
+        return "hf"
+    if "blocks.0.att.r_k" in keys and "blocks.0.att.x_r" in keys:
+        return "x070"
+    if any(".att.time_maa" in k for k in keys):
+        return "x060"
+    if "blocks.0.att.time_faaaa" in keys:
+        return "x052"
+    if "blocks.0.att.time_first" in keys:
+        return "v4"
+    return "unknown"
+
+
+_VERSION_NAMES = {"x060": "RWKV-6 (x060)", "x052": "RWKV-5 (x052)", "v4": "RWKV-4",
+                  "hf": "Hugging Face / flash-linear-attention layout"}
+
+
+def config_from_tensors(sd: dict[str, Tensor], source: str = "state dict") -> ModelConfig:
+    """Check that ``sd`` is an RWKV-7 checkpoint and infer its ModelConfig."""
+    version = detect_version(sd)
+    if version == "x070" and any(".ffn.s_emb" in k for k in sd):
+        raise CheckpointError(f"{source} is an RWKV-7a 'DeepEmbed' checkpoint, which goose does not run yet")
+    if version in _VERSION_NAMES:
+        raise CheckpointError(f"{source} is an {_VERSION_NAMES[version]} checkpoint; goose runs RWKV-7 (x070) "
+                              f"checkpoints in the RWKV-LM layout")
+    if version != "x070":
+        raise CheckpointError(f"{source} is not an RWKV checkpoint (no blocks.N.att.* tensors found)")
+    try:
+        return ModelConfig.from_state_dict(sd)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{source} is an incomplete RWKV-7 checkpoint: {e}") from e
+
+
+def _check_against_model(sd: dict[str, Tensor], cfg: ModelConfig, source: str) -> None:
+    with torch.device("meta"):
+        expected = {k: tuple(t.shape) for k, t in RWKV7(cfg).state_dict().items()}
+    missing = sorted(expected.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - expected.keys())
+    wrong = [f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
+             for k in expected.keys() & sd.keys() if tuple(sd[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {missing[:4]})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:4]})")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:4]))
+    if problems:
+        raise CheckpointError(f"{source} does not match the RWKV-7 layout it implies ({cfg}): " + ", ".join(problems))
+
+
+def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> RWKV7:
+    """Load an official RWKV-7 checkpoint (``.pth`` or ``.safetensors``) into an :class:`RWKV7`.
+
+    Hyper-parameters are inferred from the tensors; weights are cast to ``dtype`` on ``device``.
+    Files with or without the unused ``blocks.0.att.v0/v1/v2`` are accepted.
+    """
+    sd = dict(read_tensors(path))
+    cfg = config_from_tensors(sd, str(path))
+    C = cfg.n_embd
+    absent = [k for k in LAYER0_UNUSED if k not in sd]
+    if absent:  # layer 0 never reads them; fill so the module layout stays the official one
+        shapes = {"blocks.0.att.v0": (1, 1, C), "blocks.0.att.v1": (C, cfg.rank_v), "blocks.0.att.v2": (cfg.rank_v, C)}
+        for k in absent:
+            sd[k] = torch.zeros(shapes[k])
+    _check_against_model(sd, cfg, str(path))
+    with torch.device("meta"):
+        model = RWKV7(cfg)
+    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def save(model: RWKV7, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` in the official layout (``.pth`` via torch.save, or ``.safetensors``), atomically."""
+    path = Path(path)
+    sd = {k: t.detach().to(dtype=dtype or t.dtype, device="cpu").contiguous() for k, t in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(sd, str(tmp), metadata={"format": "pt", "architecture": "rwkv7-x070"})
+        else:
+            torch.save(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What ``goose info`` prints: version, shapes, parameter count, dtypes, LoRA ranks."""
+    sd = read_tensors(path)
+    version = detect_version(sd)
+    info: dict[str, Any] = {"path": str(path), "version": version, "tensors": len(sd),
+                            "parameters": sum(t.numel() for t in sd.values()),
+                            "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in sd.values())),
+                            "bytes": sum(t.numel() * t.element_size() for t in sd.values())}
+    if version == "x070":
+        cfg = config_from_tensors(sd, str(path))
+        info.update(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, head_size=cfg.head_size,
+                    vocab_size=cfg.vocab_size, ffn_dim=cfg.ffn_dim,
+                    lora_ranks={"w": cfg.rank_w, "a": cfg.rank_a, "v": cfg.rank_v, "g": cfg.rank_g},
+                    layer0_v="blocks.0.att.v0" in sd)
+    return info

@@ -1,0 +1,209 @@
+"""RWKV-7 "Goose" (x070) as a plain nn.Module: the only place the model's math lives.
+
+Parameter names and shapes are exactly those of official RWKV-LM checkpoints, so an official
+``.pth`` loads with ``strict=True``. One forward serves every use: decoding is T == 1, prefill and
+training are T > 1 through the chunked WKV kernel; all paths share this code.
+
+    x = LN0(emb[tokens])
+    for each block:  x += TimeMix(LN1(x));  x += ChannelMix(LN2(x))
+    logits = head(LN_out(x))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import wkv
+from .state import State
+
+LOG_DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^{-1/2} sigmoid(w)) lies in (0.545, 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture only; everything here is implied by a checkpoint's tensor shapes."""
+
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    head_size: int = 64
+    ffn_dim: int = 0          # 0 -> 4 * n_embd
+    rank_w: int = 64          # decay LoRA
+    rank_a: int = 64          # in-context learning-rate LoRA
+    rank_v: int = 32          # value-residual LoRA
+    rank_g: int = 128         # output-gate LoRA
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.head_size:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of head_size ({self.head_size})")
+        if self.ffn_dim == 0:
+            object.__setattr__(self, "ffn_dim", 4 * self.n_embd)
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor]) -> ModelConfig:
+        """Infer every hyper-parameter from official x070 tensor shapes (as the official loaders do)."""
+        layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+        n_head, head_size = sd["blocks.0.att.r_k"].shape
+        vocab_size, n_embd = sd["emb.weight"].shape
+        rank_v = next((sd[f"blocks.{i}.att.v1"].shape[1] for i in sorted(layers) if f"blocks.{i}.att.v1" in sd), 32)
+        return cls(n_layer=max(layers) + 1, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size,
+                   ffn_dim=sd["blocks.0.ffn.key.weight"].shape[0], rank_w=sd["blocks.0.att.w1"].shape[1],
+                   rank_a=sd["blocks.0.att.a1"].shape[1], rank_v=rank_v, rank_g=sd["blocks.0.att.g1"].shape[1])
+
+
+def _vector(C: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(1, 1, C))
+
+
+class TimeMix(nn.Module):
+    """The attention replacement: token shift, r/w/k/v/a/g projections, WKV, GroupNorm, bonus, gate."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (_vector(C) for _ in range(6))
+        self.w0, self.a0, self.v0 = _vector(C), _vector(C), _vector(C)
+        self.w1, self.w2 = nn.Parameter(torch.empty(C, cfg.rank_w)), nn.Parameter(torch.empty(cfg.rank_w, C))
+        self.a1, self.a2 = nn.Parameter(torch.empty(C, cfg.rank_a)), nn.Parameter(torch.empty(cfg.rank_a, C))
+        # layer 0 never uses v0/v1/v2, but RWKV-LM creates (and saves) them for every layer
+        self.v1, self.v2 = nn.Parameter(torch.empty(C, cfg.rank_v)), nn.Parameter(torch.empty(cfg.rank_v, C))
+        self.g1, self.g2 = nn.Parameter(torch.empty(C, cfg.rank_g)), nn.Parameter(torch.empty(cfg.rank_g, C))
+        self.k_k, self.k_a = _vector(C), _vector(C)
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None,
+                mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x: ln1 output ``[B, T, C]``; shift: previous token's ``[B, C]``; returns (out, shift, wkv, v_first)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        dx = torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1) - x           # token shift
+        xr, xw, xk, xv, xa, xg = (x + dx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        log_decay = -LOG_DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)                # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2                            # output gate
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)            # removal key, unit per head
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:                                                                # value residual to layer 0
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+
+        heads = (B, T, H, N)
+        y, wkv_state = wkv(r.view(heads), log_decay.view(heads), k.view(heads), v.view(heads),
+                           -kk, kk * a.view(heads), wkv_state, mode=mode)
+        y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
+        bonus = ((r * k).view(heads) * self.r_k).sum(dim=-1, keepdim=True) * v.view(heads)
+        y = y + bonus.view(B, T, C)
+        return self.output(y * g), x[:, -1], wkv_state, v_first
+
+
+class ChannelMix(nn.Module):
+    """The FFN: token shift, squared ReLU, no receptance gate in x070."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.x_k = _vector(cfg.n_embd)
+        self.key = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.value = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+        dx = torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1) - x
+        k = torch.relu(self.key(x + dx * self.x_k)) ** 2
+        return self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)   # normalises the embedding; layer 0 only
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg)
+
+
+class RWKV7(nn.Module):
+    """``logits, state = model(tokens [B, T], state)``; ``state=None`` starts from zeros."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.weight.device
+
+    def new_state(self, batch_size: int = 1) -> State:
+        """A zero state on the model's device; token shifts in the model dtype, WKV in fp32."""
+        c = self.config
+        return State.zeros(c.n_layer, c.n_embd, c.n_head, c.head_size, batch_size, self.device, self.dtype)
+
+    def forward(self, tokens: Tensor, state: State | None = None, *, last: bool = False,
+                mode: str = "auto", inplace: bool = False) -> tuple[Tensor, State]:
+        """Run ``tokens [B, T]`` from ``state``.
+
+        Returns logits ``[B, T, V]`` (``[B, V]`` for the last position only with ``last=True``) and a
+        new State; the caller's state is left untouched unless ``inplace=True``. ``mode`` picks the
+        WKV form ("auto", "scan" or "chunked"); all give the same result.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("tokens must contain at least one position")
+        if state is None:
+            state = self.new_state(B)
+        elif state.batch_size != B:
+            raise ValueError(f"state holds a batch of {state.batch_size}, tokens a batch of {B}")
+
+        x = self.emb(tokens)
+        v_first = None
+        att_shift, wkv_states, ffn_shift = [], [], []
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            out, s_att, s_wkv, v_first = block.att(block.ln1(x), state.att_shift[i], state.wkv[i], v_first, mode)
+            x = x + out
+            out, s_ffn = block.ffn(block.ln2(x), state.ffn_shift[i])
+            x = x + out
+            att_shift.append(s_att)
+            wkv_states.append(s_wkv)
+            ffn_shift.append(s_ffn)
+
+        if last:
+            x = x[:, -1]
+        logits = self.head(self.ln_out(x))
+        new_state = State(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
+        if inplace:
+            return logits, state.copy_(new_state)
+        return logits, new_state

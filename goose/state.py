@@ -1,0 +1,127 @@
+"""The recurrent state of an RWKV-7 model: what replaces a KV cache, and its whole API.
+
+Per layer the state holds the last token's ln1 output (time-mix token shift), the WKV matrices
+``[H, N, N]`` (fp32, official orientation: row = value index, column = key index), and the last
+token's ln2 output (channel-mix token shift). Layers are stacked so batches can be formed and
+split with one tensor operation each.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_FORMAT = "goose.state.v1"
+
+
+@dataclass
+class State:
+    """``att_shift``/``ffn_shift``: ``[L, B, C]`` in the model dtype; ``wkv``: ``[L, B, H, N, N]`` fp32."""
+
+    att_shift: Tensor
+    wkv: Tensor
+    ffn_shift: Tensor
+
+    @classmethod
+    def zeros(cls, n_layer: int, n_embd: int, n_head: int, head_size: int, batch_size: int = 1,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> State:
+        shift = torch.zeros(n_layer, batch_size, n_embd, device=device, dtype=dtype)
+        wkv = torch.zeros(n_layer, batch_size, n_head, head_size, head_size, device=device, dtype=torch.float32)
+        return cls(shift, wkv, shift.clone())
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv.shape[1]
+
+    @property
+    def n_layer(self) -> int:
+        return self.wkv.shape[0]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"att_shift": self.att_shift, "wkv": self.wkv, "ffn_shift": self.ffn_shift}
+
+    def clone(self) -> State:
+        return State(**{k: t.clone() for k, t in self.tensors().items()})
+
+    def detach(self) -> State:
+        return State(**{k: t.detach() for k, t in self.tensors().items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+        """Move to a device; ``dtype`` changes the token-shift vectors only (WKV stays fp32)."""
+        return State(self.att_shift.to(device=device, dtype=dtype), self.wkv.to(device=device),
+                     self.ffn_shift.to(device=device, dtype=dtype))
+
+    def copy_(self, other: State) -> State:
+        """Overwrite this state's tensors in place (the explicit opt-in to mutation)."""
+        for mine, theirs in zip(self.tensors().values(), other.tensors().values()):
+            mine.copy_(theirs)
+        return self
+
+    @classmethod
+    def stack(cls, states: Sequence[State]) -> State:
+        """Concatenate states along the batch dimension (each may itself hold a batch)."""
+        if not states:
+            raise ValueError("State.stack needs at least one state")
+        shapes = {(s.wkv.shape[0],) + tuple(s.wkv.shape[2:]) for s in states}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack states of different models: {sorted(shapes)}")
+        return cls(*(torch.cat([s.tensors()[k] for s in states], dim=1)
+                     for k in ("att_shift", "wkv", "ffn_shift")))
+
+    def select(self, index: int | Sequence[int] | Tensor) -> State:
+        """The batch rows in ``index`` (an int keeps a batch of one)."""
+        if isinstance(index, int):
+            index = [index]
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.wkv.device)
+        return State(**{k: t.index_select(1, idx) for k, t in self.tensors().items()})
+
+    def split(self) -> list[State]:
+        """One batch-1 state per row."""
+        return [self.select(i) for i in range(self.batch_size)]
+
+    def save(self, path: str | Path) -> None:
+        """Write to a safetensors file (atomically: a crash never leaves a partial file behind)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        meta = {"format": _FORMAT, "shape": json.dumps(list(self.wkv.shape))}
+        save_file({k: t.detach().contiguous().cpu() for k, t in self.tensors().items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> State:
+        """Read a file written by :meth:`save`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"state file not found: {path}")
+        try:
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable goose state file: {e}") from e
+        missing = {"att_shift", "wkv", "ffn_shift"} - tensors.keys()
+        if missing:
+            raise ValueError(f"{path} is not a goose state file (missing {sorted(missing)})")
+        return cls(tensors["att_shift"], tensors["wkv"], tensors["ffn_shift"])
+
+    def to_official(self, row: int = 0) -> list[Tensor]:
+        """The ``rwkv`` pip package's state list for one batch row: ``[x_att, wkv, x_ffn] * L``."""
+        out: list[Tensor] = []
+        for i in range(self.n_layer):
+            out += [self.att_shift[i, row].clone(), self.wkv[i, row].clone(), self.ffn_shift[i, row].clone()]
+        return out
+
+    @classmethod
+    def from_official(cls, tensors: Sequence[Tensor]) -> State:
+        """Inverse of :meth:`to_official` (a batch of one)."""
+        att = torch.stack(list(tensors[0::3])).unsqueeze(1)
+        wkv = torch.stack(list(tensors[1::3])).unsqueeze(1).float()
+        ffn = torch.stack(list(tensors[2::3])).unsqueeze(1)
+        return cls(att, wkv, ffn)
