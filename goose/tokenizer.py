@@ -195,6 +195,8 @@ class WorldTokenizer(Tokenizer):
     """
 
     name = "world"
+    USED_IDS = 65530
+    """Ids 0..65529 carry tokens; a World model needs at least this many embedding rows."""
 
     def __init__(self, backend: Backend = "auto", vocab_path: str | Path | None = None) -> None:
         if backend not in ("auto", "rust", "python"):
@@ -288,6 +290,28 @@ def get_tokenizer(name: str) -> Tokenizer:
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZERS)}")
     return TOKENIZERS[name]()
+
+
+def tokenizer_for_vocab(vocab_size: int, name: str | None = None) -> Tokenizer:
+    """The tokenizer for a model with ``vocab_size`` rows, or ``name`` checked against it.
+
+    World models have 65536 rows (65530 used); byte models 257. Anything else (e.g. the 50304 of
+    "Pile" models, whose 20B tokenizer goose does not ship) is a clear error, never silent garbage.
+    """
+    if name is None:
+        if vocab_size >= WorldTokenizer.USED_IDS:
+            name = "world"
+        elif vocab_size == ByteTokenizer().vocab_size:
+            name = "byte"
+        else:
+            raise ValueError(f"no tokenizer for a model with vocab size {vocab_size}: goose ships the World "
+                             f"tokenizer (vocab 65536) and the byte tokenizer (vocab 257)")
+    tokenizer = get_tokenizer(name)
+    needed = WorldTokenizer.USED_IDS if name == "world" else tokenizer.vocab_size
+    if vocab_size < needed:
+        raise ValueError(f"tokenizer/model mismatch: the {name} tokenizer emits ids up to {needed - 1} but the "
+                         f"model's vocabulary has only {vocab_size} rows")
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""The ``goose`` command: argparse subcommands that turn flags into calls of the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEMO_NOTICE = ("[goose] no --model given: using a RANDOM, UNTRAINED demo model in the official RWKV-7 layout "
+               "(L2-D128, World vocabulary). Its output is gibberish; pass --model PATH for a real checkpoint.")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="RWKV-7 checkpoint (.pth or .safetensors); default: built-in demo")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (the WKV state is always fp32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--tokenizer", choices=("world", "byte"), help="default: chosen from the model's vocabulary size")
+    p.add_argument("--state", metavar="FILE", help="start from a saved state (e.g. a state-tuned one)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.85)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.2)
+    p.add_argument("--frequency-penalty", type=float, default=0.2)
+    p.add_argument("--penalty-decay", type=float, default=0.996)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+
+
+def _sampling_params(args: argparse.Namespace, stop_strings: tuple[str, ...] = ()):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          penalty_decay=args.penalty_decay, stop_strings=tuple(args.stop) + stop_strings,
+                          max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _load_model(args: argparse.Namespace):
+    """(model, tokenizer, initial state) from the common model flags."""
+    from .checkpoint import load
+    from .model import RWKV7, ModelConfig
+    from .random_weights import random_state_dict
+    from .state import State
+    from .tokenizer import tokenizer_for_vocab
+
+    dtype = DTYPES[args.dtype]
+    if args.model:
+        model = load(args.model, device=args.device, dtype=dtype)
+    else:
+        print(DEMO_NOTICE, file=sys.stderr)
+        sd = random_state_dict(2, 128, 65536, seed=0)
+        model = RWKV7(ModelConfig.from_state_dict(sd))
+        model.load_state_dict(sd)
+        model = model.to(device=args.device, dtype=dtype).eval()
+    tokenizer = tokenizer_for_vocab(model.config.vocab_size, args.tokenizer)
+    state = State.load(args.state, device=args.device).to(dtype=dtype) if args.state else None
+    return model, tokenizer, state
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+
+    model, tokenizer, state = _load_model(args)
+    gen = generate(model, tokenizer, args.prompt, _sampling_params(args), state=state)
+    with torch.inference_mode():
+        for piece in gen:
+            print(piece, end="", flush=True)
+    print()
+    result = gen.result
+    if args.save_state:
+        result.state.save(args.save_state)
+    print(f"[{result.prompt_tokens} prompt + {result.completion_tokens} generated tokens, "
+          f"finish: {result.finish_reason}]", file=sys.stderr)
+
+
+CHAT_HELP = "commands: /save FILE, /load FILE, /reset, /quit"
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """A terminal chat; the conversation lives in the recurrent state, which /save and /load keep."""
+    from .generate import generate
+    from .state import State
+    from .tokenizer import render_chat
+
+    model, tokenizer, initial = _load_model(args)
+    params = _sampling_params(args, stop_strings=("\n\n",))
+    state, needs_separator = initial, False
+    print(f"goose chat: {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("User: ")
+        except EOFError:
+            print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command == "/quit":
+                return
+            if command == "/reset":
+                state, needs_separator = initial, False
+                print("[state reset]")
+            elif command in ("/save", "/load") and arg.strip():
+                path = Path(arg.strip()).expanduser()
+                try:
+                    if command == "/save":
+                        if state is None:
+                            state = model.new_state()
+                        state.save(path)
+                        print(f"[state saved to {path}]")
+                    else:
+                        state, needs_separator = State.load(path, device=model.device).to(dtype=model.dtype), False
+                        print(f"[state loaded from {path}]")
+                except (OSError, ValueError) as e:
+                    print(f"[error: {e}]")
+            else:
+                print(f"[{CHAT_HELP}]")
+            continue
+        prompt = ("\n\n" if needs_separator else "") + render_chat([{"role": "user", "content": line}])
+        print("Assistant:", end="", flush=True)
+        gen = generate(model, tokenizer, prompt, params, state=state)
+        with torch.inference_mode():
+            for piece in gen:
+                print(piece, end="", flush=True)
+        print("\n")
+        state = gen.result.state
+        needs_separator = not tokenizer.decode(gen.result.tokens).endswith("\n\n")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.2f}M)"
+        elif key == "bytes":
+            value = f"{value / 2**20:.1f} MiB"
+        print(f"{key:>12}: {value}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.what == "wkv":
+        from .bench.wkv import run
+        run(seq_len=args.seq_len, batch_size=args.batch_size, n_head=args.n_head, repeats=args.repeats)
+    elif args.what == "tokenizer":
+        from .bench.tokenizer import run
+        run(size_mb=args.size_mb, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train.data import add_parser as add_data_parser
+
+    parser = argparse.ArgumentParser(prog="goose", description="RWKV-7 'Goose': run, chat, train, benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt")
+    _model_args(p)
+    p.add_argument("--prompt", default="The Eiffel tower is in the city of", help="text to continue")
+    p.add_argument("--save-state", metavar="FILE", help="write the final state (prompt + completion) here")
+    _sampling_args(p, max_tokens=100)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat (User:/Assistant: turns) with /save, /load, /reset")
+    _model_args(p)
+    _sampling_args(p, max_tokens=500)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="describe a checkpoint: version, shapes, parameters, dtype, LoRA ranks")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    add_data_parser(sub)
+
+    p = sub.add_parser("bench", help="measure speed against the reference (prints a table)")
+    p.add_argument("what", choices=("wkv", "tokenizer"))
+    p.add_argument("--seq-len", type=int, default=4096, help="wkv: sequence length")
+    p.add_argument("--batch-size", type=int, default=1, help="wkv: batch size")
+    p.add_argument("--n-head", type=int, default=12, help="wkv: heads of 64 channels")
+    p.add_argument("--size-mb", type=float, default=2.0, help="tokenizer: text size")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"goose: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The `goose` command as a user runs it (subprocesses, real argv, real exit codes)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def goose(*args, stdin=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "goose", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"goose {args} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def test_info(ckpt_factory):
+    path = ckpt_factory("cli_info.pth", n_layer=2, n_embd=128, vocab_size=512, ranks=(32, 32, 32, 64))
+    info = json.loads(goose("info", path, "--json").stdout)
+    assert info["version"] == "x070" and info["n_layer"] == 2 and info["lora_ranks"]["g"] == 64
+    assert "parameters" in goose("info", path).stdout
+
+
+def test_generate_streams_and_saves_state(ckpt_factory, tmp_path):
+    path = ckpt_factory("cli_gen.pth", n_layer=2, n_embd=128, vocab_size=65536, seed=3)
+    out = goose("generate", "--model", path, "--prompt", "Hello", "--max-tokens", "8", "--seed", "1",
+                "--save-state", tmp_path / "s.safetensors")
+    assert "8 generated tokens" in out.stderr and (tmp_path / "s.safetensors").exists()
+    again = goose("generate", "--model", path, "--prompt", "Hello", "--max-tokens", "8", "--seed", "1")
+    assert again.stdout == out.stdout
+    resumed = goose("generate", "--model", path, "--prompt", " more", "--max-tokens", "3",
+                    "--state", tmp_path / "s.safetensors")
+    assert "3 generated tokens" in resumed.stderr
+
+
+def test_demo_model_is_labelled():
+    out = goose("generate", "--max-tokens", "3")
+    assert "RANDOM, UNTRAINED demo model" in out.stderr
+
+
+def test_chat_commands(ckpt_factory, tmp_path):
+    path = ckpt_factory("cli_gen.pth", n_layer=2, n_embd=128, vocab_size=65536, seed=3)
+    state = tmp_path / "chat.safetensors"
+    script = f"hi\n/save {state}\n/reset\n/load {state}\nagain\n/bogus\n/quit\n"
+    out = goose("chat", "--model", path, "--max-tokens", "5", "--seed", "0", stdin=script)
+    assert out.stdout.count("Assistant:") == 2
+    assert "[state saved to" in out.stdout and "[state loaded from" in out.stdout and "[state reset]" in out.stdout
+    assert "commands:" in out.stdout and state.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+def test_bad_model_is_a_clear_error(tmp_path, content):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    out = goose("generate", "--model", bad, check=False)
+    assert out.returncode == 2 and out.stderr.startswith("goose: error:") and "Traceback" not in out.stderr
+
+
+def test_tokenizer_mismatch_is_a_clear_error(ckpt_factory):
+    path = ckpt_factory("cli_small_vocab.pth", vocab_size=1000)
+    out = goose("generate", "--model", path, "--tokenizer", "world", check=False)
+    assert out.returncode == 2 and "mismatch" in out.stderr
