@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .ops import wkv
 from .state import State
 
-LOG_DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^{-1/2} sigmoid(w)) lies in (0.545, 1)
+OFFICIAL_LOG_DECAY_FLOOR = -math.exp(-0.5)  # decay = exp(-e^{-1/2} sigmoid(w)) lies in (0.545, 1)
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,26 @@ class ModelConfig:
     rank_a: int = 64          # in-context learning-rate LoRA
     rank_v: int = 32          # value-residual LoRA
     rank_g: int = 128         # output-gate LoRA
+    # Ablations for experiments; official checkpoints always use the defaults.
+    iclr: bool = True         # False: no in-context learning term (a = 0), diagonal decay only (RWKV-6-like)
+    log_decay_floor: float = OFFICIAL_LOG_DECAY_FLOOR  # lower it to let decays approach 0 (eigenvalues to -1)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.head_size:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of head_size ({self.head_size})")
         if self.ffn_dim == 0:
             object.__setattr__(self, "ffn_dim", 4 * self.n_embd)
+        if not self.log_decay_floor < 0:
+            raise ValueError(f"log_decay_floor must be negative, got {self.log_decay_floor}")
+
+    @property
+    def wkv_chunk_len(self) -> int:
+        """Chunk length of the parallel WKV: 32, shorter when decays may go below RWKV-7's clamp so
+        that the within-chunk decay factors e^{-L} stay below ~e^{40} in fp32 (see ops/README.md)."""
+        chunk = 32
+        while chunk > 2 and chunk * -self.log_decay_floor > 40:
+            chunk //= 2
+        return chunk
 
     @property
     def n_head(self) -> int:
@@ -71,6 +85,7 @@ class TimeMix(nn.Module):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        self.iclr, self.log_decay_floor, self.chunk_len = cfg.iclr, cfg.log_decay_floor, cfg.wkv_chunk_len
         self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (_vector(C) for _ in range(6))
         self.w0, self.a0, self.v0 = _vector(C), _vector(C), _vector(C)
         self.w1, self.w2 = nn.Parameter(torch.empty(C, cfg.rank_w)), nn.Parameter(torch.empty(cfg.rank_w, C))
@@ -97,12 +112,15 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        log_decay = -LOG_DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)                # in-context learning rate
+        log_decay = self.log_decay_floor * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
         g = torch.sigmoid(xg @ self.g1) @ self.g2                            # output gate
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)            # removal key, unit per head
-        k = k * (1 + (a - 1) * self.k_a)
+        if self.iclr:
+            a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)            # in-context learning rate
+            k = k * (1 + (a - 1) * self.k_a)
+        else:
+            a = torch.zeros_like(k)
         if self.layer_id == 0:
             v_first = v
         else:                                                                # value residual to layer 0
@@ -110,7 +128,7 @@ class TimeMix(nn.Module):
 
         heads = (B, T, H, N)
         y, wkv_state = wkv(r.view(heads), log_decay.view(heads), k.view(heads), v.view(heads),
-                           -kk, kk * a.view(heads), wkv_state, mode=mode)
+                           -kk, kk * a.view(heads), wkv_state, mode=mode, chunk_len=self.chunk_len)
         y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
         bonus = ((r * k).view(heads) * self.r_k).sum(dim=-1, keepdim=True) * v.view(heads)
         y = y + bonus.view(B, T, C)

@@ -109,3 +109,16 @@ def test_bad_mode():
     x = [t.float() for t in make_inputs(1, 4)]
     with pytest.raises(ValueError, match="mode"):
         wkv(*x, mode="fast")
+
+
+def test_wide_decay_range_with_short_chunks():
+    """Decays near 0 (an ablation, not RWKV-7's clamp) stay exact when the chunk is short enough."""
+    from goose.model import ModelConfig
+
+    floor = -4.6  # decay down to 0.01
+    chunk = ModelConfig(n_layer=1, n_embd=64, vocab_size=10, log_decay_floor=floor).wkv_chunk_len
+    x64 = make_inputs(2, 100, seed=21)
+    x64[1] = floor * torch.rand(x64[1].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y_ref, s_ref = wkv_scan(*x64)
+    y, s = wkv_chunked(*[t.float() for t in x64], chunk_len=chunk)
+    assert chunk == 8 and rel(y, y_ref) < TOL and rel(s, s_ref) < TOL

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 CHUNK_LEN = 32
+SEGMENT_ELEMENTS = 1 << 20
 MODES = ("auto", "scan", "chunked")
 
 
@@ -72,11 +73,24 @@ def wkv_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
     Within a chunk, cumulative log-decays L turn the recurrence into a decay-free delta rule solved by
     one unit-lower-triangular system; chunks are then chained by the linear map S -> S A_c + H_c.
     Decays must be >= exp(-exp(-0.5)) (RWKV-7's clamp) for ``chunk_len`` <= 64 to stay far from
-    fp32 overflow; see ops/README.md.
+    fp32 overflow; see ops/README.md. Long inputs are processed in segments of about
+    ``SEGMENT_ELEMENTS`` values per tensor, which bounds the working memory whatever T is (and keeps
+    CPU allocations small enough to be reused instead of page-faulted in afresh).
     """
     B, T, H, N = r.shape
     if state is None:
         state = _zero_state(r)
+    seg = max(chunk_len, SEGMENT_ELEMENTS // (B * H * N) // chunk_len * chunk_len)
+    ys = []
+    for lo in range(0, T, seg):
+        y, state = _chunked_segment(*(x[:, lo:lo + seg] for x in (r, w, k, v, a, b)), state, chunk_len)
+        ys.append(y)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
+
+
+def _chunked_segment(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                     state: Tensor, chunk_len: int) -> tuple[Tensor, Tensor]:
+    B, T, H, N = r.shape
     r, w, k, v, a, b, state = _fp32(r, w, k, v, a, b, state)
     C = chunk_len
     pad = (-T) % C
@@ -121,10 +135,10 @@ def wkv_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
 
 
 def wkv(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-        state: Tensor | None = None, mode: str = "auto") -> tuple[Tensor, Tensor]:
+        state: Tensor | None = None, mode: str = "auto", chunk_len: int = CHUNK_LEN) -> tuple[Tensor, Tensor]:
     """Dispatch to one of the equivalent forms. ``auto``: the recurrent step for T == 1, chunked otherwise."""
     if mode not in MODES:
         raise ValueError(f"wkv mode must be one of {MODES}, got {mode!r}")
     if mode == "scan" or (mode == "auto" and r.shape[1] == 1):
         return wkv_scan(r, w, k, v, a, b, state)
-    return wkv_chunked(r, w, k, v, a, b, state)
+    return wkv_chunked(r, w, k, v, a, b, state, chunk_len)
