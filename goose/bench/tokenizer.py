@@ -7,11 +7,10 @@ multilingual text, so numbers are comparable between runs and machines.
 from __future__ import annotations
 
 import random
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from goose.bench import median_seconds
 from goose.tokenizer import WorldTokenizer
 
 _SAMPLES = [
@@ -44,15 +43,6 @@ def build_text(size_mb: float, seed: int = 0) -> str:
         pieces.append(piece)
         size += len(piece.encode("utf-8"))
     return "".join(pieces)
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _encoders() -> dict[str, Callable[[str], list[int]]]:
@@ -90,7 +80,7 @@ def run(size_mb: float = 2.0, repeats: int = 3) -> dict:
         ids = encode(text)  # warm-up, and the ids to compare
         reference = ids if reference is None else reference
         identical = identical and ids == reference
-        seconds = _median_seconds(lambda: encode(text), repeats)
+        seconds = median_seconds(lambda: encode(text), repeats)
         results[name] = {"seconds": seconds, "mb_per_s": megabytes / seconds, "tokens": len(ids)}
     official = results.get("official rwkv")
     for entry in results.values():

@@ -6,12 +6,11 @@ chunked output is checked against the scan before any time is reported.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Callable
 
 import torch
 
+from goose.bench import median_seconds
 from goose.ops import wkv_chunked, wkv_scan
 
 
@@ -23,15 +22,6 @@ def _inputs(batch_size: int, seq_len: int, n_head: int, head_size: int = 64, see
     kk = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1)
     iclr = torch.rand(shape, generator=g)
     return [r, w, k * 0.5, v, -kk, kk * iclr]
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _forward_backward(fn, xs: list[torch.Tensor]) -> Callable[[], None]:
@@ -56,10 +46,10 @@ def run(seq_len: int = 4096, batch_size: int = 1, n_head: int = 12, repeats: int
         raise RuntimeError(f"chunked WKV disagrees with the scan (relative error {err:.2e}); not timing it")
 
     res = {
-        "fwd_scan": _median_seconds(lambda: wkv_scan(*xs), repeats),
-        "fwd_chunked": _median_seconds(lambda: wkv_chunked(*xs), repeats),
-        "fwdbwd_scan": _median_seconds(_forward_backward(wkv_scan, xs), max(1, repeats // 2)),
-        "fwdbwd_chunked": _median_seconds(_forward_backward(wkv_chunked, xs), repeats),
+        "fwd_scan": median_seconds(lambda: wkv_scan(*xs), repeats),
+        "fwd_chunked": median_seconds(lambda: wkv_chunked(*xs), repeats),
+        "fwdbwd_scan": median_seconds(_forward_backward(wkv_scan, xs), max(1, repeats // 2)),
+        "fwdbwd_chunked": median_seconds(_forward_backward(wkv_chunked, xs), repeats),
     }
     tokens = batch_size * seq_len
     print(f"WKV7 at B={batch_size} T={seq_len} H={n_head} N=64, {torch.get_num_threads()} threads "
