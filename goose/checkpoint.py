@@ -136,17 +136,33 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     return model.eval()
 
 
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a .tmp file (through a file object, so a full disk raises OSError), then rename:
+    ``path`` holds either its previous content or the complete new one, never a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save(model: RWKV7, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write ``model`` in the official layout (``.pth`` via torch.save, or ``.safetensors``), atomically."""
     path = Path(path)
     sd = {k: t.detach().to(dtype=dtype or t.dtype, device="cpu").contiguous() for k, t in model.state_dict().items()}
+    if path.suffix != ".safetensors":
+        atomic_torch_save(sd, path)
+        return
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file(sd, str(tmp), metadata={"format": "pt", "architecture": "rwkv7-x070"})
-        else:
-            torch.save(sd, tmp)
+        save_file(sd, str(tmp), metadata={"format": "pt", "architecture": "rwkv7-x070"})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

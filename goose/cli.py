@@ -163,6 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .train.data import add_parser as add_data_parser
+    from .train.trainer import add_parser as add_train_parser
 
     parser = argparse.ArgumentParser(prog="goose", description="RWKV-7 'Goose': run, chat, train, benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     add_data_parser(sub)
+    add_train_parser(sub)
 
     p = sub.add_parser("bench", help="measure speed against the reference (prints a table)")
     p.add_argument("what", choices=("wkv", "tokenizer"))
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:  # OSError: missing files, existing run dirs, full disks
         print(f"goose: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

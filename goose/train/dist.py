@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
+    owns_group: bool = False  # setup() started the process group, so teardown() ends it
 
     @property
     def is_main(self) -> bool:
@@ -39,23 +41,22 @@ def setup(device: str = "auto") -> Dist:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=
-                                dev if dev.type == "cuda" else None)
-    return Dist(rank=rank, world_size=world_size, device=dev)
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world_size, device=dev, owns_group=owns_group)
 
 
-def teardown() -> None:
-    """Destroy the process group, if one was started."""
-    if dist.is_initialized():
+def teardown(d: Dist) -> None:
+    """Destroy the process group if :func:`setup` started it."""
+    if d.owns_group:
         dist.destroy_process_group()
 
 
@@ -66,7 +67,12 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
     of its own) and puts the rest (embedding, norms, head) in one root group.
     """
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        if d.world_size == 1:
+            raise ValueError("--fsdp shards across processes: launch with torchrun --nproc-per-node N (N > 1)")
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as e:
+            raise RuntimeError(f"--fsdp needs FSDP2 (torch >= 2.6); this is torch {torch.__version__}") from e
 
         for block in model.blocks:
             fully_shard(block.att)
@@ -108,7 +114,13 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return x
 
 
+def full_value(x: Tensor) -> float:
+    """A scalar as a float, gathering it first if it is a sharded DTensor (FSDP2's gradient norm)."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
 def barrier() -> None:
+    """Wait for every process (no-op in a world of one)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -122,21 +134,19 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
     """
     if not sharded:
         return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (dcp.get_model_state_dict(model, options=options),
+            dcp.get_optimizer_state_dict(model, optimizer, options=options))
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Tensor],
-                          optim_sd: dict[str, Any], sharded: bool) -> None:
-    """Load what :func:`full_state_dicts` returned (every rank passes the full dicts)."""
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict[str, Any],
+                         sharded: bool) -> None:
+    """Load an optimiser state saved by :func:`full_state_dicts` (every rank passes the full dict)."""
     if not sharded:
-        unwrap(model).load_state_dict(model_sd)
         optimizer.load_state_dict(optim_sd)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+    dcp.set_optimizer_state_dict(model, optimizer, optim_sd, options=dcp.StateDictOptions(full_state_dict=True))

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..model import ModelConfig, RWKV7
+from ..model import RWKV7, ModelConfig
 
 # orthogonal gains of generate_init_weight's 2-D weights; 0 means zeros
 MATRIX_GAINS = {"att.receptance.weight": 1.0, "att.key.weight": 0.1, "att.value.weight": 1.0,
@@ -36,7 +36,7 @@ def lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
     the released models' 64, 64, 32, 128.
     """
     def rank(scale: float) -> int:
-        return max(32, int(round(scale * math.sqrt(n_embd) / 32)) * 32)
+        return max(32, round(scale * math.sqrt(n_embd) / 32) * 32)
     return rank(2.5), rank(2.5), rank(1.7), rank(5.0)
 
 

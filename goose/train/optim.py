@@ -28,7 +28,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         if "att.w0" in name:
             group = "lr_2x"
-        elif weight_decay > 0 and p.squeeze().dim() >= 2 and ".weight" in name:
+        elif weight_decay > 0 and sum(n > 1 for n in p.shape) >= 2 and ".weight" in name:  # 2-D after squeeze
             group = "lr_decay"
         else:
             group = "lr_1x"

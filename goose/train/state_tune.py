@@ -5,7 +5,6 @@ file, ``goose generate/chat --state FILE`` starts from it.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
