@@ -9,7 +9,10 @@ from goose.state import State
 from goose.tokenizer import ByteTokenizer
 from goose.train.lora import LoRALinear, add_lora, load_adapters, merge_lora, save_adapters
 from goose.train.sft import ChatBatches, load_conversations, sft_loss
-from goose.train.state_tune import TunableState, state_tuning_loss
+from goose.train.dist import Dist
+from goose.train.state_tune import StateTuned, TunableState
+
+CPU = Dist(rank=0, world_size=1, device=torch.device("cpu"))
 
 
 @pytest.fixture()
@@ -87,10 +90,10 @@ def test_state_tuning_trains_only_the_state(byte_model, tmp_path):
     for p in byte_model.parameters():
         p.requires_grad_(False)
     tunable = TunableState(byte_model)
-    loss_fn = state_tuning_loss(tunable)
+    tuned_model = StateTuned(byte_model, tunable)
     batch = task_batch()
     frozen = {k: v.clone() for k, v in byte_model.state_dict().items()}
-    losses = train_steps([tunable.wkv], lambda: loss_fn(byte_model, batch), steps=20, lr=0.05)
+    losses = train_steps([tunable.wkv], lambda: lm(tuned_model, batch), steps=20, lr=0.05)
     assert losses[-1] < 0.8 * losses[0]
     assert all(torch.equal(v, byte_model.state_dict()[k]) for k, v in frozen.items())
 
@@ -98,7 +101,7 @@ def test_state_tuning_trains_only_the_state(byte_model, tmp_path):
     tuned = State.load(tmp_path / "tuned.safetensors")
     with torch.no_grad():
         via_file = lm(byte_model, batch, State.stack([tuned] * batch[0].shape[0]))
-        via_module = loss_fn(byte_model, batch)
+        via_module = lm(tuned_model, batch)
     assert torch.allclose(via_file, via_module, rtol=1e-5)
 
 
@@ -112,7 +115,7 @@ def test_sft_masks_only_assistant_tokens(tmp_path):
     write_chats(tmp_path / "chat.jsonl")
     tok = ByteTokenizer()
     convs = load_conversations(tmp_path / "chat.jsonl", tok, ctx_len=64)
-    batches = ChatBatches(convs, micro_batch=3, device=torch.device("cpu"))
+    batches = ChatBatches(convs, micro_batch=3, d=CPU)
     x, y, m = batches.next()
     for row in range(3):
         learned = tok.decode([t for t, keep in zip(y[row].tolist(), m[row].tolist()) if keep])
@@ -121,7 +124,7 @@ def test_sft_masks_only_assistant_tokens(tmp_path):
 
 def test_sft_lowers_the_loss(byte_model, tmp_path):
     write_chats(tmp_path / "chat.jsonl")
-    batches = ChatBatches(load_conversations(tmp_path / "chat.jsonl", ByteTokenizer(), 64), 4, torch.device("cpu"))
+    batches = ChatBatches(load_conversations(tmp_path / "chat.jsonl", ByteTokenizer(), 64), 4, CPU)
     batch = batches.next()
     losses = train_steps([p for p in byte_model.parameters()], lambda: sft_loss(byte_model, batch), steps=12, lr=3e-3)
     assert losses[-1] < 0.7 * losses[0]
@@ -131,3 +134,54 @@ def test_sft_bad_records(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_conversations(tmp_path / "bad.jsonl", ByteTokenizer(), 64)
+
+
+def byte_corpus(tmp_path):
+    from goose.train.data import BinidxWriter
+
+    with BinidxWriter(tmp_path / "corpus") as w:
+        for i in range(40):
+            w.add_document(ByteTokenizer().encode("abcdefgh" * 30 + f" {i}"))
+    return str(tmp_path / "corpus")
+
+
+@pytest.mark.parametrize("method,sft", [("lora", False), ("state", False), ("full", True), ("state", True)])
+def test_finetune_command_end_to_end(ckpt_factory, tmp_path, method, sft):
+    from goose.train.finetune import FinetuneConfig, finetune
+
+    base = ckpt_factory("ft_byte.pth", n_layer=2, n_embd=64, vocab_size=257, head_size=32, seed=21)
+    if sft:
+        write_chats(tmp_path / "chat.jsonl")
+        data = str(tmp_path / "chat.jsonl")
+    else:
+        data = byte_corpus(tmp_path)
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(init_from=str(base), data=data, out=str(out), method=method, sft=sft, tokenizer="byte",
+                         steps=12, ctx_len=32, micro_batch=4, lr_init=2e-2 if method != "full" else 3e-3,
+                         lr_final=1e-3, warmup_steps=0, eval_every=0, save_every=0, progress=False)
+    summary = finetune(cfg)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert summary["loss"] < first
+    if method == "state":
+        state = State.load(out / "state.safetensors")
+        assert state.batch_size == 1 and state.wkv.abs().sum() > 0
+    else:
+        assert load(out / "model.pth").state_dict().keys() == load(base).state_dict().keys()
+    if method == "lora":
+        assert (out / "adapter.safetensors").exists()
+
+
+def test_generate_loads_a_tuned_state(ckpt_factory, tmp_path):
+    import subprocess
+    import sys
+
+    from goose.train.finetune import FinetuneConfig, finetune
+
+    base = ckpt_factory("ft_byte.pth", n_layer=2, n_embd=64, vocab_size=257, head_size=32, seed=21)
+    finetune(FinetuneConfig(init_from=str(base), data=byte_corpus(tmp_path), out=str(tmp_path / "s"),
+                            method="state", tokenizer="byte", steps=3, ctx_len=32, micro_batch=2,
+                            eval_every=0, save_every=0, progress=False))
+    proc = subprocess.run([sys.executable, "-m", "goose", "generate", "--model", str(base), "--prompt", "abc",
+                           "--max-tokens", "5", "--state", str(tmp_path / "s" / "state.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tokenizer import Tokenizer, render_chat_ids
+from .dist import Dist
 
 SftBatch = tuple[Tensor, Tensor, Tensor]
 
@@ -46,11 +47,11 @@ class ChatBatches:
     file (at least one conversation when there are two or more) is held out for validation."""
 
     def __init__(self, conversations: list[tuple[list[int], list[int]]], micro_batch: int,
-                 device: torch.device, seed: int = 0, val_fraction: float = 0.05):
+                 d: Dist, seed: int = 0, val_fraction: float = 0.05):
         n_val = max(1, round(len(conversations) * val_fraction)) if len(conversations) > 1 else 0
         self.train_set = conversations[:len(conversations) - n_val]
         self.val_set = conversations[len(conversations) - n_val:] or self.train_set
-        self.micro_batch, self.device, self.seed = micro_batch, device, seed
+        self.micro_batch, self.d, self.seed = micro_batch, d, seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def _collate(self, rows: list[tuple[list[int], list[int]]]) -> SftBatch:
@@ -63,7 +64,8 @@ class ChatBatches:
             x[i, :n] = torch.tensor(ids[:-1])
             y[i, :n] = torch.tensor(ids[1:])
             m[i, :n] = torch.tensor(mask[1:], dtype=torch.float32)
-        return x.to(self.device), y.to(self.device), m.to(self.device)
+        device = self.d.device
+        return x.to(device), y.to(device), m.to(device)
 
     def next(self) -> SftBatch:
         idx = torch.randint(len(self.train_set), (self.micro_batch,), generator=self.generator)

@@ -5,7 +5,6 @@ file, ``goose generate/chat --state FILE`` starts from it.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..model import RWKV7
@@ -36,10 +35,13 @@ class TunableState(nn.Module):
         return State(self.att_shift.clone(), self.wkv.detach().clone(), self.ffn_shift.clone())
 
 
-def state_tuning_loss(tunable: TunableState):
-    """A trainer loss ``(model, (x, y)) -> loss`` that runs every sequence from the tunable state."""
-    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        logits, _ = model(x, tunable.expand(x.shape[0]))
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    return loss_fn
+class StateTuned(nn.Module):
+    """``model`` that starts every sequence from ``tunable`` when no state is passed, so the ordinary
+    training losses (next-token, chat SFT) train the state without knowing about it."""
+
+    def __init__(self, model: RWKV7, tunable: TunableState):
+        super().__init__()
+        self.model, self.tunable = model, tunable
+
+    def forward(self, tokens: Tensor, state: State | None = None, **kwargs) -> tuple[Tensor, State]:
+        return self.model(tokens, self.tunable.expand(tokens.shape[0]) if state is None else state, **kwargs)

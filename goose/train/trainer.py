@@ -60,7 +60,7 @@ class BatchSource(Protocol):
         """The same ``n_batches`` validation micro-batches at every call, so evaluations compare."""
 
 
-def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+def config_field(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     """A TrainConfig field; its help text (and choices) become the ``goose train`` flag."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
@@ -70,46 +70,46 @@ class TrainConfig:
     """Every knob of a training run; ``goose train`` has exactly one flag per field."""
 
     # data and run directory
-    data: str = _opt("", "binidx dataset prefix (PREFIX.bin + PREFIX.idx), e.g. written by `goose data`")
-    out: str = _opt("out", "run directory: config.json, metrics.jsonl, train_state.pt, model.pth")
-    tokenizer: str = _opt("world", "tokenizer the data was made with; recorded in OUT/config.json",
+    data: str = config_field("", "binidx dataset prefix (PREFIX.bin + PREFIX.idx), e.g. written by `goose data`")
+    out: str = config_field("out", "run directory: config.json, metrics.jsonl, train_state.pt, model.pth")
+    tokenizer: str = config_field("world", "tokenizer the data was made with; recorded in OUT/config.json",
                           choices=("world", "byte"))
     # model: a fresh one, or --init-from an existing checkpoint
-    model_size: str = _opt("L6-D512", "fresh model shape as L<layers>-D<width>")
-    n_layer: int = _opt(0, "layers; overrides --model-size when > 0")
-    n_embd: int = _opt(0, "width; overrides --model-size when > 0")
-    head_size: int = _opt(64, "channels per head (64 in every released model)")
-    vocab_size: int = _opt(0, "0: the tokenizer's (world 65536, byte 257)")
-    init_from: str = _opt("", "start from this checkpoint (.pth / .safetensors) instead of a fresh init")
-    resume: bool = _opt(False, "continue the run in OUT from its last checkpoint, exactly")
+    model_size: str = config_field("L6-D512", "fresh model shape as L<layers>-D<width>")
+    n_layer: int = config_field(0, "layers; overrides --model-size when > 0")
+    n_embd: int = config_field(0, "width; overrides --model-size when > 0")
+    head_size: int = config_field(64, "channels per head (64 in every released model)")
+    vocab_size: int = config_field(0, "0: the tokenizer's (world 65536, byte 257)")
+    init_from: str = config_field("", "start from this checkpoint (.pth / .safetensors) instead of a fresh init")
+    resume: bool = config_field(False, "continue the run in OUT from its last checkpoint, exactly")
     # batches and length of the run
-    ctx_len: int = _opt(512, "tokens per training sequence")
-    micro_batch: int = _opt(4, "sequences per process per forward pass")
-    grad_accum: int = _opt(1, "micro-batches per optimiser step")
-    steps: int = _opt(1000, "optimiser steps")
-    tokens: int = _opt(0, "if > 0, train on this many tokens instead of --steps (rounded up to whole steps)")
+    ctx_len: int = config_field(512, "tokens per training sequence")
+    micro_batch: int = config_field(4, "sequences per process per forward pass")
+    grad_accum: int = config_field(1, "micro-batches per optimiser step")
+    steps: int = config_field(1000, "optimiser steps")
+    tokens: int = config_field(0, "if > 0, train on this many tokens instead of --steps (rounded up to whole steps)")
     # optimiser and schedule (RWKV-LM's defaults)
-    lr_init: float = _opt(6e-4, "peak learning rate, reached after warmup")
-    lr_final: float = _opt(6e-5, "learning rate at the last step (cosine decay)")
-    warmup_steps: int = _opt(10, "linear warmup from 0.01 * lr_init")
-    weight_decay: float = _opt(1e-3, "AdamW weight decay, on the big matrices only")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.99, "AdamW beta2")
-    adam_eps: float = _opt(1e-18, "AdamW epsilon")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0 = off")
+    lr_init: float = config_field(6e-4, "peak learning rate, reached after warmup")
+    lr_final: float = config_field(6e-5, "learning rate at the last step (cosine decay)")
+    warmup_steps: int = config_field(10, "linear warmup from 0.01 * lr_init")
+    weight_decay: float = config_field(1e-3, "AdamW weight decay, on the big matrices only")
+    beta1: float = config_field(0.9, "AdamW beta1")
+    beta2: float = config_field(0.99, "AdamW beta2")
+    adam_eps: float = config_field(1e-18, "AdamW epsilon")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this; 0 = off")
     # numerics and memory
-    precision: str = _opt("fp32", "bf16 = bf16 autocast (fp32 weights and optimiser)", choices=("fp32", "bf16"))
-    grad_checkpoint: bool = _opt(False, "recompute each layer's activations in backward: less memory, more compute")
-    fsdp: bool = _opt(False, "shard weights, gradients and optimiser state across processes (FSDP2)")
+    precision: str = config_field("fp32", "bf16 = bf16 autocast (fp32 weights and optimiser)", choices=("fp32", "bf16"))
+    grad_checkpoint: bool = config_field(False, "recompute each layer's activations in backward: less memory, more compute")
+    fsdp: bool = config_field(False, "shard weights, gradients and optimiser state across processes (FSDP2)")
     # evaluation, logging, checkpoints
-    eval_every: int = _opt(100, "validation loss every N steps (and at the end); 0 = never")
-    eval_batches: int = _opt(8, "micro-batches per process per evaluation")
-    save_every: int = _opt(100, "checkpoint every N steps; the last step is always saved")
-    progress: bool = _opt(True, "show a progress bar")
-    tensorboard: bool = _opt(False, "also log to OUT/tb (needs the tensorboard package)")
+    eval_every: int = config_field(100, "validation loss every N steps (and at the end); 0 = never")
+    eval_batches: int = config_field(8, "micro-batches per process per evaluation")
+    save_every: int = config_field(100, "checkpoint every N steps; the last step is always saved")
+    progress: bool = config_field(True, "show a progress bar")
+    tensorboard: bool = config_field(False, "also log to OUT/tb (needs the tensorboard package)")
     # system
-    seed: int = _opt(0, "seeds the initialisation and the data order")
-    device: str = _opt("auto", "auto (CUDA if available), cpu, cuda")
+    seed: int = config_field(0, "seeds the initialisation and the data order")
+    device: str = config_field("auto", "auto (CUDA if available), cpu, cuda")
 
     def __post_init__(self) -> None:
         positive = ("ctx_len", "micro_batch", "grad_accum", "head_size", "eval_batches")
@@ -449,15 +449,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description="Train an RWKV-7 model with RWKV-LM's recipe (init, optimiser "
                               "groups, schedule, L2Wrap). Run under torchrun for data parallelism. "
                               "See docs/TRAINING.md.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(TrainConfig):
+    add_config_flags(p, TrainConfig)
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def add_config_flags(p: argparse.ArgumentParser, config: type, exclude: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of a TrainConfig-like dataclass (help and choices from its metadata)."""
+    for f in fields(config):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"default": f.default, "help": f.metadata["help"]}
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             p.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"), **kwargs)
-    p.set_defaults(func=run_cli)
-    return p
 
 
 def run_cli(args: argparse.Namespace) -> None:
