@@ -9,16 +9,19 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEMO_NOTICE = ("[goose] no --model given: using a RANDOM, UNTRAINED demo model in the official RWKV-7 layout "
-               "(L2-D128, World vocabulary). Its output is gibberish; pass --model PATH for a real checkpoint.")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", help="RWKV-7 checkpoint (.pth or .safetensors); default: built-in demo")
+    p.add_argument("--model", metavar="PATH",
+                   help="RWKV-7 checkpoint (.pth or .safetensors); default: the built-in demo model")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (the WKV state is always fp32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--tokenizer", choices=("world", "byte"), help="default: chosen from the model's vocabulary size")
     p.add_argument("--state", metavar="FILE", help="start from a saved state (e.g. a state-tuned one)")
+    p.add_argument("--quant", choices=("int8", "int4", "bf16", "fp16", "fp32"),
+                   help="weight format of the big matrices, converted on load: int8 (per output channel), int4 "
+                        "(groups of 64), or bf16/fp16/fp32 weights with --dtype activations (see goose/quant.py); "
+                        "a file written by goose.quant.save_quantized loads in its own format")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -45,21 +48,23 @@ def _sampling_params(args: argparse.Namespace, stop_strings: tuple[str, ...] = (
 
 def _load_model(args: argparse.Namespace):
     """(model, tokenizer, initial state) from the common model flags."""
+    from . import demo
     from .checkpoint import load
-    from .model import RWKV7, ModelConfig
-    from .random_weights import random_state_dict
     from .state import State
     from .tokenizer import tokenizer_for_vocab
 
+    from . import quant
+
     dtype = DTYPES[args.dtype]
-    if args.model:
+    if args.model and quant.is_quantized_file(args.model):
+        model = quant.load_quantized(args.model, device=args.device, dtype=dtype)
+    elif args.model:
         model = load(args.model, device=args.device, dtype=dtype)
     else:
-        print(DEMO_NOTICE, file=sys.stderr)
-        sd = random_state_dict(2, 128, 65536, seed=0)
-        model = RWKV7(ModelConfig.from_state_dict(sd))
-        model.load_state_dict(sd)
-        model = model.to(device=args.device, dtype=dtype).eval()
+        print(demo.notice(demo.info()), file=sys.stderr)
+        model = demo.load_demo(device=args.device, dtype=dtype)
+    if getattr(args, "quant", None):
+        model = quant.quantize(model, args.quant)
     tokenizer = tokenizer_for_vocab(model.config.vocab_size, args.tokenizer)
     state = State.load(args.state, device=args.device).to(dtype=dtype) if args.state else None
     return model, tokenizer, state
@@ -159,6 +164,24 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "tokenizer":
         from .bench.tokenizer import run
         run(size_mb=args.size_mb, repeats=args.repeats)
+    elif args.what == "train":
+        from .bench.train import run
+        run(repeats=args.repeats)
+    elif args.what == "inference":
+        from .bench.inference import run
+        run(sizes=args.sizes.split(","), out=args.out, formats=tuple(args.formats.split(",")),
+            repeats=args.repeats, prefill=tuple(int(t) for t in args.prefill.split(",") if t),
+            batches=tuple(int(b) for b in args.batches.split(",")), with_official=not args.no_official)
+    elif args.what == "memory":
+        from .bench.memory import run
+        run(size=args.sizes.split(",")[0], contexts=tuple(int(c) for c in args.contexts.split(",")),
+            transformer=not args.no_transformer, plot=args.plot, out=args.out)
+    elif args.what == "quant":
+        from .bench.quant import run
+        run(sizes=args.sizes.split(","), model_path=args.model, text_path=args.text)
+    elif args.what == "kernels":
+        from .bench.kernels import run
+        run(repeats=args.repeats)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,11 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
 
     p = sub.add_parser("bench", help="measure speed against the reference (prints a table)")
-    p.add_argument("what", choices=("wkv", "tokenizer"))
+    p.add_argument("what", choices=("wkv", "tokenizer", "train", "inference", "memory", "quant", "kernels"),
+                   help="train: forward+backward tokens/s and MFU of an L6-D512 World-vocabulary model at "
+                        "ctx 512, micro-batch 4, chunked WKV vs the scan, fp32 and bf16 autocast; inference: "
+                        "decode/prefill/batched decode vs the official rwkv package, with the roofline; memory: "
+                        "decode speed and peak RSS against context length beside a Transformer; quant: quality "
+                        "of each weight format against fp32; kernels: matmul throughput of each weight format "
+                        "by batch size")
     p.add_argument("--seq-len", type=int, default=4096, help="wkv: sequence length")
     p.add_argument("--batch-size", type=int, default=1, help="wkv: batch size")
     p.add_argument("--n-head", type=int, default=12, help="wkv: heads of 64 channels")
     p.add_argument("--size-mb", type=float, default=2.0, help="tokenizer: text size")
+    p.add_argument("--sizes", default="L12-D768,L24-D1024",
+                   help="inference/memory/quant: random checkpoints, e.g. L12-D768 (memory uses the first)")
+    p.add_argument("--formats", default="fp32,bf16,fp16,int8,int4", help="inference: goose weight formats")
+    p.add_argument("--prefill", default="1024,8192", help="inference: prompt lengths")
+    p.add_argument("--batches", default="1,4,16,64", help="inference: batch sizes of the batched decode table")
+    p.add_argument("--no-official", action="store_true", help="inference: skip the official rwkv package")
+    p.add_argument("--contexts", default="1024,8192,32768,131072", help="memory: context lengths")
+    p.add_argument("--no-transformer", action="store_true", help="memory: skip the Hugging Face Llama")
+    p.add_argument("--plot", default="context.png", help="memory: PNG of speed and memory against context")
+    p.add_argument("--model", metavar="PATH", help="quant: a trained checkpoint to measure perplexity with")
+    p.add_argument("--text", metavar="FILE", help="quant: the text for --model's perplexity")
+    p.add_argument("--out", metavar="JSON", help="inference/memory: also write the numbers here")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_bench)
     return parser

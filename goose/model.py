@@ -78,6 +78,13 @@ def _vector(C: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(1, 1, C))
 
 
+def _token_shift(x: Tensor, shift: Tensor) -> Tensor:
+    """``x_{t-1} - x_t`` with ``shift`` ``[B, C]`` as the token before ``x`` ``[B, T, C]``."""
+    if x.shape[1] == 1:                                                      # decoding: no concatenation
+        return shift.unsqueeze(1) - x
+    return torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1) - x
+
+
 class TimeMix(nn.Module):
     """The attention replacement: token shift, r/w/k/v/a/g projections, WKV, GroupNorm, bonus, gate."""
 
@@ -106,8 +113,9 @@ class TimeMix(nn.Module):
         """x: ln1 output ``[B, T, C]``; shift: previous token's ``[B, C]``; returns (out, shift, wkv, v_first)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        dx = torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1) - x           # token shift
-        xr, xw, xk, xv, xa, xg = (x + dx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        dx = _token_shift(x, shift)
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, dx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v,
+                                                                     self.x_a, self.x_g))
 
         r = self.receptance(xr)
         k = self.key(xk)
@@ -124,7 +132,7 @@ class TimeMix(nn.Module):
         if self.layer_id == 0:
             v_first = v
         else:                                                                # value residual to layer 0
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2).to(v.dtype))
 
         heads = (B, T, H, N)
         y, wkv_state = wkv(r.view(heads), log_decay.view(heads), k.view(heads), v.view(heads),
@@ -145,8 +153,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-        dx = torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1) - x
-        k = torch.relu(self.key(x + dx * self.x_k)) ** 2
+        k = torch.relu(self.key(torch.addcmul(x, _token_shift(x, shift), self.x_k))) ** 2
         return self.value(k), x[:, -1]
 
 
@@ -204,9 +211,11 @@ class RWKV7(nn.Module):
         elif state.batch_size != B:
             raise ValueError(f"state holds a batch of {state.batch_size}, tokens a batch of {B}")
 
+        # each layer's new state is written straight into its slot (of the caller's state if inplace), so
+        # decoding allocates no state-sized temporaries; a layer reads its old slot before it is written
+        new_state = state if inplace else State(*(torch.empty_like(t) for t in state.tensors().values()))
         x = self.emb(tokens)
         v_first = None
-        att_shift, wkv_states, ffn_shift = [], [], []
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
@@ -214,14 +223,10 @@ class RWKV7(nn.Module):
             x = x + out
             out, s_ffn = block.ffn(block.ln2(x), state.ffn_shift[i])
             x = x + out
-            att_shift.append(s_att)
-            wkv_states.append(s_wkv)
-            ffn_shift.append(s_ffn)
+            new_state.att_shift[i].copy_(s_att)
+            new_state.wkv[i].copy_(s_wkv)
+            new_state.ffn_shift[i].copy_(s_ffn)
 
         if last:
             x = x[:, -1]
-        logits = self.head(self.ln_out(x))
-        new_state = State(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
-        if inplace:
-            return logits, state.copy_(new_state)
-        return logits, new_state
+        return self.head(self.ln_out(x)), new_state

@@ -35,7 +35,7 @@ def test_generate_streams_and_saves_state(ckpt_factory, tmp_path):
 
 def test_demo_model_is_labelled():
     out = goose("generate", "--max-tokens", "3")
-    assert "RANDOM, UNTRAINED demo model" in out.stderr
+    assert "built-in demo model" in out.stderr and "King James Bible" in out.stderr
 
 
 def test_chat_commands(ckpt_factory, tmp_path):

@@ -1,0 +1,169 @@
+"""``goose bench inference``: decode, prefill and batched decode, goose against the official package.
+
+On random official-layout checkpoints, in one process: the official ``rwkv`` package (``cpu fp32``,
+``cpu bf16``) and goose with each weight format, timed interleaved (see common.race), medians over
+repeats. Tables:
+
+1. decode at batch 1: tok/s, ratio to the official ``cpu fp32``, and the roofline: the machine's
+   measured bandwidth (large fp32 matvec) divided by the bytes of weights each token reads;
+2. prefill: tok/s for prompts of T tokens (goose in chunks of ``prefill_chunk``, the official package
+   as one ``forward(list, None)``), ratios to the official package;
+3. batched decode: aggregate tok/s of goose at several batch sizes (one ``[B, 1]`` step per token).
+
+Every goose format is checked against the fp32 model's logits before it is timed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from goose.bench.common import (DEFAULT_CACHE, checkpoint, converted, machine, matvec_bandwidth, official,
+                                print_table, race, read_bandwidth, timed)
+from goose.checkpoint import load
+from goose.quant import weight_bytes_per_token
+
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+# a format must agree with fp32 logits to this relative RMS error on a short prompt to be timed (a guard
+# against a broken kernel, whose error is ~1.4; quality is measured properly by `goose bench quant`)
+SANITY = {"fp32": 1e-4, "bf16": 0.05, "fp16": 0.02, "int8": 0.1, "int4": 0.5}
+
+
+def _goose_decode(model, batch: int, n: int):
+    state = model.new_state(batch)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for _ in range(2):
+            model(tokens, state, last=True, inplace=True)
+
+    def run() -> float:
+        with torch.inference_mode():
+            return batch * n / timed(lambda: [model(tokens, state, last=True, inplace=True) for _ in range(n)])
+    return run
+
+
+def _official_decode(ref, n: int):
+    _, state = ref.forward([1, 2, 3], None)
+
+    def run() -> float:
+        return n / timed(lambda: [ref.forward([7], state) for _ in range(n)])
+    return run
+
+
+def _goose_prefill(model, prompt: list[int], chunk: int):
+    tokens = torch.tensor([prompt])
+
+    def run() -> float:
+        def go():
+            with torch.inference_mode():
+                state = None
+                for lo in range(0, tokens.shape[1], chunk):
+                    _, state = model(tokens[:, lo:lo + chunk], state, last=True, inplace=lo > 0)
+        return tokens.shape[1] / timed(go)
+    return run
+
+
+def _official_prefill(ref, prompt: list[int]):
+    return lambda: len(prompt) / timed(lambda: ref.forward(prompt, None))
+
+
+def _check(models: dict, vocab: int) -> None:
+    tokens = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref, _ = models["fp32"](tokens)
+        for fmt, m in models.items():
+            out, _ = m(tokens)
+            err = ((out.float() - ref).norm() / (ref - ref.mean()).norm()).item()
+            if not err <= SANITY[fmt]:
+                raise RuntimeError(f"goose {fmt} disagrees with fp32 (relative RMS error {err:.2e}); not timing it")
+
+
+def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 16, prefill=(1024, 8192),
+             prefill_repeats: int = 3, batches=(1, 4, 16, 64), batch_formats=("fp32", "bf16", "int8", "int4"),
+             prefill_chunk: int = 1024, with_official: bool = True, cache_dir: Path = DEFAULT_CACHE) -> dict:
+    """All three tables for one checkpoint size; returns the numbers."""
+    path = checkpoint(size, cache_dir)
+    base = load(path)
+    models = {fmt: converted(base, fmt) for fmt in formats if fmt != "fp32"}
+    models = {"fp32": converted(base, "fp32"), **models}
+    _check(models, base.config.vocab_size)
+    goose = {f"goose {fmt}": m for fmt, m in models.items()}
+    goose["goose fp32, plain nn.Linear"] = base
+    refs = {}
+    if with_official:
+        for dt in ("fp32", "bf16"):
+            ref = official(path, f"cpu {dt}")
+            if ref is not None:
+                refs[f"official cpu {dt}"] = ref
+    res: dict = {"size": size, "decode": {}, "prefill": {}, "batch": {}}
+
+    # 1. decode, batch 1; the bandwidth is measured in the same race, so it sees the same machine load
+    contenders = {name: _official_decode(r, decode_tokens) for name, r in refs.items()}
+    contenders.update({name: _goose_decode(m, 1, decode_tokens) for name, m in goose.items()})
+    contenders["bandwidth"] = lambda: matvec_bandwidth(repeats=3)
+    rates = race(contenders, repeats)
+    bw = res["bandwidth_gbs"] = rates.pop("bandwidth")
+    base_rate = rates.get("official cpu fp32")
+    rows = []
+    for name, rate in rates.items():
+        if name.startswith("official"):
+            nbytes = weight_bytes_per_token(base) // (2 if name.endswith("bf16") else 1)
+        else:
+            nbytes = weight_bytes_per_token(goose[name])
+        roof = bw * 1e9 / nbytes
+        res["decode"][name] = {"tok_s": rate, "weight_mb": nbytes / 1e6, "roofline_tok_s": roof}
+        rows.append([name, rate, f"{rate / base_rate:.2f}x" if base_rate else "-", nbytes / 1e6, roof,
+                     f"{100 * rate / roof:.0f}%"])
+    print_table(f"{size}: decode, batch 1 (tok/s; median of {repeats} x {decode_tokens} tokens; roofline = "
+                f"{bw:.1f} GB/s / weight bytes per token)",
+                ["", "tok/s", "vs official fp32", "weights MB/token", "roofline tok/s", "% of roofline"], rows)
+
+    # 2. prefill
+    g = torch.Generator().manual_seed(2)
+    for T in prefill:
+        prompt = torch.randint(0, base.config.vocab_size, (T,), generator=g).tolist()
+        contenders = {name: _official_prefill(r, prompt) for name, r in refs.items()}
+        contenders.update({name: _goose_prefill(m, prompt, prefill_chunk) for name, m in goose.items()})
+        res["prefill"][T] = race(contenders, prefill_repeats)
+    rows = []
+    for name in res["prefill"][prefill[0]] if prefill else []:
+        row = [name]
+        for T in prefill:
+            rate = res["prefill"][T][name]
+            row += [rate] + [f"{rate / res['prefill'][T][o]:.2f}x" for o in refs]
+        rows.append(row)
+    if prefill:
+        print_table(f"{size}: prefill (tok/s, median of {prefill_repeats}; goose in chunks of {prefill_chunk})",
+                    [""] + [h for T in prefill for h in [f"T={T}"] + [f"vs {o[9:]}" for o in refs]], rows)
+
+    # 3. batched decode
+    for fmt in batch_formats:
+        if fmt not in models:
+            continue
+        contenders = {B: _goose_decode(models[fmt], B, max(4, decode_tokens // 2)) for B in batches}
+        res["batch"][fmt] = {B: r for B, r in race(contenders, repeats).items()}
+    rows = [[f"goose {fmt}"] + [r[B] for B in batches] + [f"{r[B] / r[batches[0]]:.1f}x" for B in batches[1:]]
+            for fmt, r in res["batch"].items()]
+    if rows:
+        print_table(f"{size}: batched decode, aggregate tok/s (median of {repeats})",
+                    [""] + [f"B={B}" for B in batches] + [f"B={B} / B={batches[0]}" for B in batches[1:]], rows)
+    return res
+
+
+def run(sizes=("L12-D768", "L24-D1024"), out: str | None = None, **kwargs) -> dict:
+    """Print the machine, the bandwidth and every table for each size; optionally save them as JSON."""
+    info = machine()
+    bw, rd = matvec_bandwidth(), read_bandwidth()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
+          f"threads, rwkv {info['rwkv']}, load average {info['load_average']}")
+    print(f"bandwidth at start: fp32 matvec 16384x8192 {bw:.1f} GB/s, streaming read {rd:.1f} GB/s (the roofline "
+          f"uses the matvec figure measured inside each decode race)")
+    results = {"machine": info, "matvec_gbs": bw, "read_gbs": rd, "sizes": {}}
+    for size in sizes:
+        results["sizes"][size] = run_size(size, **kwargs)
+    results["load_average_end"] = machine()["load_average"]
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1, default=str))
+        print(f"\nresults written to {out}")
+    return results

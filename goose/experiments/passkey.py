@@ -1,0 +1,421 @@
+"""Passkey retrieval in miniature (RWKV-X, PAPERS.md §5.5 and E4): a small RWKV-X against a same-size RWKV-7.
+
+    goose experiment passkey --preset quick           # <= 15 min on 2 CPU cores
+    python -m goose.experiments.passkey --preset full
+
+Both models are trained from scratch, with the same loop, data and steps, on RWKV-X's passkey prompt
+(its exact text, in byte tokens) at short lengths, then scored with RWKV-X's protocol
+(``evaluation/pass_key_rwkvx.py``) at longer ones: the needle at depths 0 .. 90%, greedy decoding of
+the answer, exact match. The hybrid is also scored with the KV-cache policy on (scaled down), which
+compresses the cache at the first decoding step as the ``rwkv-x`` package does. Last, decoding time
+and state memory against context: the hybrid with and without the policy, with dense attention, and
+RWKV-7.
+
+Scaled-down choices, each a departure from the paper: byte tokens instead of the World vocabulary
+(the answer is `` <key>``, decoded to its length); chunk 64 and top-k 3 instead of 2048 and 3; models
+of 2-4 blocks of width 128 trained for minutes on lengths up to 1-2K instead of 0.2-3.6B models
+trained on 64K; the loss is taken on the needle's repeat and on the answer only; the cache policy is
+rwkv-x's 20000 / 2000 / 16000 divided by about ten. The hybrid is RWKV-X's block expansion of a freshly
+initialised RWKV-7 (``goose.rwkv_x.expand``), sized so both models have the same number of blocks.
+
+The two models train in parallel worker processes (``workers``), each scoring its own passkey grid;
+the decoding profile then runs in the main process on one thread. Writes OUT/results.json,
+OUT/results.md, OUT/passkey_heatmap.png and OUT/decode_vs_context.png (OUT defaults to
+runs/experiments/passkey) and copies the plots to docs/results/passkey_heatmap.png and
+docs/results/passkey_decode.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..model import RWKV7
+from ..rwkv_x import RWKVX, CachePolicy, SparseConfig, expand
+from ..tokenizer import ByteTokenizer
+from ..train.init import model_config, new_model
+from .runner import IGNORE, TrainConfig, logits_of, run_jobs, train, write_results
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+FILLER = " ".join(["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 1000)
+QUESTION = "What is the pass key? The pass key is"
+ANSWER_WIDTH = 6            # " 49999": answers are padded to this many tokens in training batches
+NAME = "passkey"
+TOKENIZER = ByteTokenizer()
+DENSE_TOPK = 1 << 30        # a top-k that covers every chunk: dense attention
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_layer: int                      # blocks in each model; the hybrid turns n_attn of them into attention
+    n_attn: int
+    n_embd: int
+    head_size: int                    # of the RWKV blocks (the attention's is rwkv-x's 64)
+    chunk_size: int
+    topk: int
+    train_lengths: tuple[int, ...]    # prompt lengths of the training batches (one drawn per batch)
+    train: TrainConfig
+    batch_size: int
+    eval_lengths: tuple[int, ...]
+    depths: int                       # needle depths 0, 1/depths, ... (RWKV-X: 10)
+    tests: int                        # pass keys per (length, depth) cell (RWKV-X: 5)
+    policy: CachePolicy               # rwkv-x's 20000 / 2000 / 16000, scaled down
+    decode_contexts: tuple[int, ...]
+    decode_steps: int
+    workers: int = 2                  # processes of one thread: the two models train side by side
+
+
+PRESETS = {
+    "quick": Preset(n_layer=2, n_attn=1, n_embd=64, head_size=32, chunk_size=64, topk=4,
+                    train_lengths=(256, 512, 1024), batch_size=8,
+                    train=TrainConfig(steps=1200, lr=3e-3, lr_final=3e-4, warmup_steps=30, eval_every=200),
+                    eval_lengths=(1024, 2048, 4096, 8192), depths=10, tests=2,
+                    policy=CachePolicy(max_size=2048, window=256, min_size=1536),
+                    decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768), decode_steps=16),
+    "full": Preset(n_layer=4, n_attn=1, n_embd=128, head_size=64, chunk_size=64, topk=4,
+                   train_lengths=(256, 512, 1024, 2048), batch_size=8,
+                   train=TrainConfig(steps=5000, lr=3e-3, lr_final=3e-4, warmup_steps=100, eval_every=500),
+                   eval_lengths=(1024, 2048, 4096, 8192, 16384), depths=10, tests=5,
+                   policy=CachePolicy(max_size=4096, window=512, min_size=3072),
+                   decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072), decode_steps=32),
+}
+
+
+def make_prompt(length: int, depth: float, key: int) -> list[int]:
+    """RWKV-X's passkey prompt, in exactly ``length`` byte tokens, the needle ``depth`` of the way into the filler.
+
+    As in ``generate_prompt_landmark``: task, filler prefix, needle, filler suffix, question, one per line;
+    both filler parts are cut from the start of the same repeated text.
+    """
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    n_filler = length - len(TASK) - len(needle) - len(QUESTION) - 4
+    if n_filler < 0:
+        raise ValueError(f"a passkey prompt needs at least {length - n_filler} tokens, got length {length}")
+    prefix = int(depth * n_filler)
+    text = "\n".join([TASK, FILLER[:prefix], needle, FILLER[:n_filler - prefix], QUESTION])
+    return TOKENIZER.encode(text)
+
+
+def eval_key(test: int) -> int:
+    """The pass key of test ``test``: RWKV-X's (numpy seeded with the test index), the same in every cell."""
+    return int(np.random.RandomState(test).randint(1, 50000))
+
+
+def training_batch(lengths: tuple[int, ...], batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(inputs, labels) ``[B, L + ANSWER_WIDTH - 1]``: prompt + " key", labelled on the needle's repeat and the answer.
+
+    The key's first appearance is random, so it is not scored; from ``. Remember it. key is the pass key.``
+    on, the needle can be copied from a few tokens back, a short-range version of the task.
+    """
+    length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
+    rows, masks = [], []
+    for _ in range(batch_size):
+        key = int(torch.randint(1, 50000, (1,), generator=gen))
+        depth = float(torch.rand((), generator=gen))
+        prompt = make_prompt(length, depth, key)
+        answer = TOKENIZER.encode(f" {key}")
+        tokens = prompt + answer + TOKENIZER.encode("\n" * (ANSWER_WIDTH - len(answer)))
+        text = TOKENIZER.decode(prompt)
+        start = text.index(f"The pass key is {key}.") + len(f"The pass key is {key}")
+        scored = torch.zeros(len(tokens), dtype=torch.bool)
+        scored[start:start + len(f". Remember it. {key} is the pass key.")] = True
+        scored[len(prompt):len(prompt) + len(answer)] = True
+        rows.append(torch.tensor(tokens))
+        masks.append(scored)
+    tokens, scored = torch.stack(rows), torch.stack(masks)
+    labels = tokens[:, 1:].masked_fill(~scored[:, 1:], IGNORE)
+    return tokens[:, :-1], labels
+
+
+class LogitsOnly(nn.Module):
+    """``tokens -> logits`` for runner.train, whose ``logits_of`` unpacks ``(logits, state)`` of RWKV7 only."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)[0]
+
+
+def answer_accuracy(model: nn.Module, inputs: Tensor, labels: Tensor) -> dict[str, float]:
+    """Teacher-forced score on a fixed batch: the fraction of prompts whose every answer token is right."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = logits_of(model, inputs)
+    model.train(was_training)
+    answer = labels != IGNORE
+    answer[:, :-ANSWER_WIDTH] = False                       # the needle's repeat is scored in training only
+    right = ((logits.argmax(dim=-1) == labels) | ~answer).all(dim=1)
+    return {"score": right.float().mean().item()}
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, logits: Tensor, state: Any, n: int) -> list[list[int]]:
+    """``n`` tokens per row, decoded greedily from the prompt's last ``logits [B, V]`` and ``state``."""
+    tokens = []
+    for i in range(n):
+        tokens.append(logits.argmax(dim=-1))
+        if i + 1 < n:
+            logits, state = model(tokens[-1].unsqueeze(1), state, last=True)
+    return torch.stack(tokens, dim=1).tolist()
+
+
+@torch.no_grad()
+def passkey_grid(model: nn.Module, preset: Preset, policies: dict[str, CachePolicy | None],
+                 rows_per_batch: int = 10) -> dict[str, dict[int, list[float]]]:
+    """Accuracy (%) per ``policies`` entry, length and depth: ``{name: {length: [acc at depth 0, ...]}}``.
+
+    The answer is the ``1 + len(key)`` tokens after the prompt (`` <key>`` in bytes), stripped, exactly
+    matching the key. One prefill per prompt serves every entry: the policy acts from the first
+    decoding step on, as in the rwkv-x package (a prefill never compresses the cache it starts empty).
+    """
+    model.eval()
+    cells = [(d, t) for d in range(preset.depths) for t in range(preset.tests)]
+    grid: dict[str, dict[int, list[float]]] = {name: {} for name in policies}
+    for length in preset.eval_lengths:
+        hits = {name: [0] * preset.depths for name in policies}
+        for lo in range(0, len(cells), rows_per_batch):
+            batch = cells[lo:lo + rows_per_batch]
+            keys = [str(eval_key(t)) for _, t in batch]
+            prompts = torch.tensor([make_prompt(length, d / preset.depths, eval_key(t)) for d, t in batch])
+            logits, state = model(prompts, last=True)
+            for name, policy in policies.items():
+                if isinstance(model, RWKVX):
+                    model.policy = policy
+                decoded = greedy_tokens(model, logits, state, 1 + max(map(len, keys)))
+                for (d, _), key, tokens in zip(batch, keys, decoded):   # as RWKV-X: len(answer) tokens, stripped
+                    hits[name][d] += TOKENIZER.decode(tokens[:1 + len(key)]).strip() == key
+        for name in policies:
+            grid[name][length] = [100.0 * h / preset.tests for h in hits[name]]
+    if isinstance(model, RWKVX):
+        model.policy = None
+    return grid
+
+
+def _prefill(model: nn.Module, prompt: Tensor, segment: int) -> tuple[Tensor, Any, float]:
+    """Last logits, state and seconds of a prefill in segments of ``segment`` tokens."""
+    state, start = None, time.perf_counter()
+    for lo in range(0, prompt.shape[1], segment):
+        logits, state = model(prompt[:, lo:lo + segment], state, last=True)
+    return logits, state, time.perf_counter() - start
+
+
+def _time_decoding(model: nn.Module, logits: Tensor, state: Any, steps: int) -> tuple[list[float], Any]:
+    """Seconds of each of ``steps + 1`` greedy decoding steps, and the final state."""
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        logits, state = model(logits.argmax(dim=-1, keepdim=True), state, last=True)
+        times.append(time.perf_counter() - start)
+    return times, state
+
+
+@torch.no_grad()
+def decode_profile(hybrid: RWKVX, rwkv7: RWKV7, p: Preset, segment: int = 2048) -> list[dict[str, Any]]:
+    """Decoding time per token (median over ``decode_steps``) and state memory against context length.
+
+    Each context is a passkey prompt, prefilled in segments. The hybrid's prefilled state is decoded
+    three ways: sparse attention with an unbounded cache, with the cache policy (whose first step,
+    which compresses the prefilled cache, is reported apart), and dense attention over the same cache.
+    """
+    sparse = hybrid.sparse
+    variants = {"RWKV-X, unbounded cache": (sparse, None), "RWKV-X, cache policy": (sparse, p.policy),
+                "RWKV-X, dense attention": (dataclasses.replace(sparse, topk=DENSE_TOPK), None)}
+    hybrid.eval(), rwkv7.eval()
+    rows = []
+    for context in tqdm(p.decode_contexts, desc="decode profile", dynamic_ncols=True):
+        prompt = torch.tensor([make_prompt(context, 0.5, eval_key(0))])
+        logits, state, prefill_s = _prefill(hybrid, prompt, segment)
+        for variant, (sparse_cfg, policy) in variants.items():
+            hybrid.sparse, hybrid.policy = sparse_cfg, policy
+            times, s = _time_decoding(hybrid, logits, state.clone(), p.decode_steps)
+            rows.append({"model": variant, "context": context, "prefill_s": prefill_s, "first_step_ms": 1e3 * times[0],
+                         "ms_per_token": 1e3 * statistics.median(times[1:]), "state_mib": s.nbytes / 2 ** 20,
+                         "kv_entries": s.cache_len})
+        hybrid.sparse, hybrid.policy = sparse, None
+        logits, state, prefill_s = _prefill(rwkv7, prompt, segment)
+        times, s = _time_decoding(rwkv7, logits, state, p.decode_steps)
+        nbytes = sum(t.numel() * t.element_size() for t in s.tensors().values())
+        rows.append({"model": "RWKV-7", "context": context, "prefill_s": prefill_s, "first_step_ms": 1e3 * times[0],
+                     "ms_per_token": 1e3 * statistics.median(times[1:]), "state_mib": nbytes / 2 ** 20,
+                     "kv_entries": 0})
+    return rows
+
+
+def build_model(name: str, p: Preset, seed: int) -> nn.Module:
+    """"RWKV-7" or "RWKV-X": fresh RWKV-LM initialisations of the same seed with ``p.n_layer`` blocks each."""
+    cfg = model_config(p.n_layer, p.n_embd, TOKENIZER.vocab_size, p.head_size)
+    if name == "RWKV-7":
+        return new_model(cfg, seed)
+    trunk = new_model(dataclasses.replace(cfg, n_layer=p.n_layer - p.n_attn), seed)
+    return expand(trunk, p.n_attn, SparseConfig(p.chunk_size, p.topk))
+
+
+def _train_and_score(name: str, p: Preset, seed: int, progress: bool) -> dict[str, Any]:
+    """One worker's job: train ``name``, score its passkey grid(s); returns the results and the weights."""
+    model = build_model(name, p, seed)
+    val = training_batch((max(p.train_lengths),), 16, torch.Generator().manual_seed(seed + 12345))
+    cpu = time.process_time()
+    fit = train(model if isinstance(model, RWKV7) else LogitsOnly(model),
+                lambda gen: training_batch(p.train_lengths, p.batch_size, gen),
+                lambda m: answer_accuracy(m, *val), p.train, seed=seed, desc=name, progress=progress)
+    cpu_train = time.process_time() - cpu
+    policies = {"RWKV-X": None, "RWKV-X + cache policy": p.policy} if name == "RWKV-X" else {name: None}
+    start = time.perf_counter()
+    grid = passkey_grid(model, p, policies)
+    return {"name": name, "parameters": sum(t.numel() for t in model.parameters()), "steps": fit.steps,
+            "train_seconds": fit.seconds, "train_cpu_seconds": cpu_train, "eval_seconds": time.perf_counter() - start,
+            "train_answer_accuracy": fit.score, "history": fit.history, "passkey": grid,
+            "weights": {k: t.detach().clone() for k, t in model.state_dict().items()}}
+
+
+def run(p: Preset | str, out: Path | str, seed: int = 0, preset_name: str = "custom",
+        docs: Path | None = Path("docs/results")) -> dict[str, Any]:
+    """Train both models, score passkey retrieval, profile decoding; write tables and plots; return the results.
+
+    ``p`` is a Preset or a name in PRESETS; the plots are also copied to ``docs`` unless it is None.
+    """
+    if isinstance(p, str):
+        p, preset_name = PRESETS[p], p
+    out = Path(out)
+    start = time.perf_counter()
+    jobs = [(name, p, seed, p.workers <= 1) for name in ("RWKV-X", "RWKV-7")]
+    trained = {r["name"]: r for r in run_jobs(_train_and_score, jobs, p.workers, NAME)}
+    models = {}
+    for name, r in trained.items():
+        models[name] = build_model(name, p, seed)
+        models[name].load_state_dict(r.pop("weights"))
+    decode = decode_profile(models["RWKV-X"], models["RWKV-7"], p)
+    passkey = {variant: grid for r in trained.values() for variant, grid in r.pop("passkey").items()}
+    results = {"experiment": NAME, "preset": preset_name, "settings": _jsonable(dataclasses.asdict(p)), "seed": seed,
+               "seconds": round(time.perf_counter() - start, 1), "models": trained, "passkey": passkey,
+               "decode": decode}
+    write_results(out, results, report(results, p))
+    plot_heatmaps(passkey, p, out / "passkey_heatmap.png")
+    plot_decode(decode, out / "decode_vs_context.png")
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "passkey_heatmap.png", docs / "passkey_heatmap.png")
+        shutil.copy(out / "decode_vs_context.png", docs / "passkey_decode.png")
+    return results
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _tokens(n: int) -> str:
+    """1024 -> "1K"; other counts as they are."""
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def report(results: dict[str, Any], p: Preset) -> str:
+    """The results tables: models, passkey accuracy by length (and by depth), decoding against context."""
+    lines = [f"# Passkey retrieval, RWKV-X vs RWKV-7 ({results['preset']} preset)", "",
+             f"Seed {results['seed']}; total {results['seconds'] / 60:.1f} min wall time. Training lengths "
+             f"{', '.join(map(str, p.train_lengths))} (byte tokens), {p.train.steps} steps of {p.batch_size} prompts; "
+             f"chunk {p.chunk_size}, top-k {p.topk}.", "",
+             "| model | parameters | training (wall / CPU) | answer accuracy at training length |",
+             "|---|---:|---:|---:|"]
+    for name, m in results["models"].items():
+        lines.append(f"| {name} | {m['parameters']:,} | {m['steps']} steps, {m['train_seconds'] / 60:.1f} / "
+                     f"{m['train_cpu_seconds'] / 60:.1f} min | {100 * m['train_answer_accuracy']:.0f}% |")
+    lengths = p.eval_lengths
+    lines += ["", f"Passkey accuracy (%), mean over {p.depths} depths x {p.tests} keys (RWKV-X's protocol):", "",
+              "| model | " + " | ".join(map(_tokens, lengths)) + " |", "|---|" + "---:|" * len(lengths)]
+    for name, grid in results["passkey"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(grid[n]):.0f}" for n in lengths) + " |")
+    for name, grid in results["passkey"].items():
+        lines += ["", f"{name}, accuracy (%) by depth (rows) and length (columns):", "",
+                  "| depth | " + " | ".join(map(_tokens, lengths)) + " |", "|---|" + "---:|" * len(lengths)]
+        for d in range(p.depths):
+            lines.append(f"| {100 * d // p.depths}% | " + " | ".join(f"{grid[n][d]:.0f}" for n in lengths) + " |")
+    lines += ["", f"Decoding, median ms per token over {p.decode_steps} steps and state memory (MiB); "
+              f"cache policy {p.policy.max_size} / {p.policy.window} / {p.policy.min_size}:", "",
+              "| context | " + " | ".join(dict.fromkeys(r["model"] for r in results["decode"])) + " |",
+              "|---:|" + "---:|" * len({r["model"] for r in results["decode"]})]
+    for context in p.decode_contexts:
+        cells = [f"{r['ms_per_token']:.1f} ms, {r['state_mib']:.3g} MiB" for r in results["decode"]
+                 if r["context"] == context]
+        lines.append(f"| {_tokens(context)} | " + " | ".join(cells) + " |")
+    first = [r for r in results["decode"] if r["model"] == "RWKV-X, cache policy"]
+    lines += ["", "First decoding step with the cache policy (compresses the prefilled cache): " +
+              ", ".join(f"{r['context']}: {r['first_step_ms']:.0f} ms" for r in first), ""]
+    return "\n".join(lines)
+
+
+def plot_heatmaps(grids: dict[str, dict[int, list[float]]], p: Preset, path: Path) -> None:
+    """One depth x length heatmap per model, colours as in RWKV-X's plot (red 0 -> yellow -> green 100)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LinearSegmentedColormap
+
+    cmap = LinearSegmentedColormap.from_list("passkey", ["#F0496E", "#EBB839", "#0CD79F"])
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], grids.items()):
+        data = np.array([grid[n] for n in p.eval_lengths]).T            # [depth, length]
+        ax.imshow(data, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+        for (d, i), value in np.ndenumerate(data):
+            ax.text(i, d, f"{value:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(p.eval_lengths)), [_tokens(n) for n in p.eval_lengths])
+        ax.set_yticks(range(p.depths), [f"{100 * d // p.depths}" for d in range(p.depths)])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (%)")
+        ax.set_title(name, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_decode(rows: list[dict[str, Any]], path: Path) -> None:
+    """Decoding ms/token and state memory against context, one line per model/variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        x = [r["context"] for r in mine]
+        ax_t.plot(x, [r["ms_per_token"] for r in mine], marker="o", label=name)
+        ax_m.plot(x, [r["state_mib"] for r in mine], marker="o", label=name)
+    for ax, label in ((ax_t, "ms per decoded token (median)"), (ax_m, "state memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_m.set_yscale("log")
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m goose.experiments.passkey", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/experiments") / NAME)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)   # as `goose experiment`: the workers use the cores, one thread each
+    run(PRESETS[args.preset], args.out, args.seed, args.preset)
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

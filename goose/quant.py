@@ -1,0 +1,350 @@
+"""Weight formats for inference: the big matrices in fp32, bf16, fp16, int8 or int4.
+
+``quantize(model, fmt)`` swaps the large ``nn.Linear`` modules (att receptance/key/value/output, ffn
+key/value, head) for modules that compute the same ``x @ W.T`` from a compact weight. Everything else
+(embedding, LayerNorms, token-shift mixes, the w/a/v/g LoRAs, the WKV state) keeps the model's dtype, and
+model.py is not touched: the math has one copy, and a quantized model is still an ``RWKV7``.
+
+- ``fp32``/``bf16``/``fp16``: the weight in that dtype; activations are cast to it and back (so an fp32
+  model can read bf16 weights). fp32 weights are stored transposed (``[in, out]`` in memory, same shape
+  and values), which the CPU matrix-vector kernels read ~1.3x faster than ``[out, in]`` (measured here).
+- ``int8``: symmetric, one scale per output channel (``w = q * scale``, ``q`` in [-127, 127]).
+- ``int4``: asymmetric, one (scale, zero) pair per group of ``group_size`` input channels
+  (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
+  the "Q4_1"-style format, not the symmetric "Q4_0" that broke RWKV in rwkv.cpp.
+
+Kernels. On CPU, torch's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
+run one decode token fast with bf16 activations, but degrade sharply above a few rows (measured numbers in
+docs/PERFORMANCE.md), so they are used up to ``PACKED_MAX_ROWS`` rows. Every other case (prefill, big
+batches, other devices, a torch without those ops) uses the plain-torch fallback: dequantize a block of
+output rows to the activation's dtype (bf16 activations on CPU for large inputs) and call ``F.linear``;
+blocks keep the temporary below ``DEQUANT_BLOCK_BYTES``. Both paths use the same stored numbers.
+
+Scales are rounded to bf16 *before* the weights are quantized, so the bf16 scales the CPU kernels take
+are exact, and the fast path and the fallback compute with identical weights.
+
+Files: ``save_quantized`` writes a safetensors file with the same tensor names as the official layout
+(``...key.weight`` holds int8 or packed int4; ``...key.scale``/``.zero`` are new), and ``load_quantized``
+reads it back; ``is_quantized_file`` tells such files apart.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value", "head")
+PACKED_MAX_ROWS = 16              # above this many rows the packed CPU kernels lose to dequantize + GEMM
+DEQUANT_BLOCK_BYTES = 16 << 20    # largest temporary weight block of the fallback (see the allocator note)
+_FILE_FORMAT = "goose.quant.v1"
+
+_HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
+    hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _packed_path(x: Tensor, rows: int) -> bool:
+    """Whether torch's packed CPU kernels serve this call (they have no autograd formula)."""
+    return x.device.type == "cpu" and rows <= PACKED_MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def _blocked_linear(x: Tensor, out_features: int, dequant_rows, row_bytes: int) -> Tensor:
+    """``x @ W.T`` with W built block by block: ``dequant_rows(lo, hi)`` returns rows lo:hi of W in x's dtype."""
+    block = max(16, DEQUANT_BLOCK_BYTES // max(1, row_bytes))
+    if block >= out_features:
+        return F.linear(x, dequant_rows(0, out_features))
+    return torch.cat([F.linear(x, dequant_rows(lo, min(lo + block, out_features)))
+                      for lo in range(0, out_features, block)], dim=-1)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """Activation dtype of the fallback GEMM: bf16 on CPU for fp32 inputs (int8/int4 values are exact in
+    bf16, and the bf16 GEMM is ~3x the fp32 one on CPUs with bf16 units), the input's dtype elsewhere."""
+    return torch.bfloat16 if x.device.type == "cpu" and x.dtype == torch.float32 else x.dtype
+
+
+class DenseLinear(nn.Module):
+    """``x @ W.T`` with W in ``dtype``, whatever the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> DenseLinear:
+        m = cls(lin.in_features, lin.out_features, dtype, lin.weight.device)
+        m.weight = _fast_layout(lin.weight.detach().to(dtype))
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if w.dtype == torch.float16 and x.device.type == "cpu" and x.numel() > self.in_features:
+            # CPUs without fp16 arithmetic run fp16 GEMMs on a slow path (only the matrix-vector one is
+            # fast): widen the weight block by block and multiply in fp32 instead
+            out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
+            return out.to(x.dtype)
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"
+
+
+def _fast_layout(w: Tensor) -> Tensor:
+    """fp32 weights on CPU stored transposed (same shape and values, strides of ``w.t().contiguous().t()``)."""
+    if w.device.type == "cpu" and w.dtype == torch.float32:
+        return w.t().contiguous().t()
+    return w.contiguous()
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with per-output-channel scales: ``W = weight * scale[:, None]``."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+        w = lin.weight.detach().float()
+        m = cls(lin.in_features, lin.out_features, w.device)
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        scale = _round_up_to_bf16(scale)                # exact in bf16, and never below absmax / 127
+        m.weight = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        m.scale = scale.to(torch.bfloat16)              # exact: the kernel's bf16 scales lose nothing
+        return m
+
+    def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.weight[lo:hi].to(dtype) * self.scale[lo:hi, None].to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if _HAS_INT8_MM and _packed_path(x, rows):
+            x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        dt = _compute_dtype(x)
+        # int8 values are exact in bf16/fp16/fp32: scale the output once instead of every weight
+        out = _blocked_linear(x.to(dt), self.out_features, lambda lo, hi: self.weight[lo:hi].to(dt),
+                              self.in_features * torch.finfo(dt).bits // 8)
+        return (out.float() * self.scale.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+def _round_up_to_bf16(x: Tensor) -> Tensor:
+    """The smallest bf16 value >= x (x > 0), as fp32."""
+    y = x.to(torch.bfloat16).float()
+    bumped = torch.nextafter(y.to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16)).float()
+    return torch.where(y < x, bumped, y)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, asymmetric per group: ``W[o, g*G:(g+1)*G] = (q - 8) * scale[o, g] + zero[o, g]``.
+
+    ``weight`` is uint8 ``[out, in / 2]``, two values per byte (low nibble = even input index): a plain,
+    device-independent layout. On CPU the kernel's own tiled layout is derived from it on first use.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 64, device=None):
+        super().__init__()
+        if in_features % group_size or group_size % 2:
+            raise ValueError(f"int4: in_features ({in_features}) must be a multiple of an even group_size "
+                             f"({group_size})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
+        self._cpu_packed: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, group_size: int = 64) -> Int4Linear:
+        m = cls(lin.in_features, lin.out_features, group_size, lin.weight.device)
+        w = lin.weight.detach().float().view(m.out_features, -1, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = _round_up_to_bf16(((hi - lo) / 15).clamp_min(1e-8))
+        zero = (lo + 8 * scale).to(torch.bfloat16).float()   # the kernel's bf16 value, quantized against
+        q = ((w - zero[..., None]) / scale[..., None] + 8).round_().clamp_(0, 15).to(torch.uint8)
+        q = q.view(m.out_features, -1)
+        m.weight = q[:, 0::2] | (q[:, 1::2] << 4)
+        m.scale, m.zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        return m
+
+    def _unpack(self, lo: int = 0, hi: int | None = None) -> Tensor:
+        packed = self.weight[lo:hi]
+        return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], self.in_features)
+
+    def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        q = self._unpack(lo, hi).view(-1, self.in_features // self.group_size, self.group_size).to(dtype) - 8
+        w = torch.addcmul(self.zero[lo:hi, :, None].to(dtype), q, self.scale[lo:hi, :, None].to(dtype))
+        return w.view(-1, self.in_features)
+
+    def _cpu_kernel_args(self) -> tuple[Tensor, Tensor]:
+        if self._cpu_packed is None or self._cpu_packed[0].device != self.weight.device:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._unpack().to(torch.int32), 1)
+            scales_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
+            self._cpu_packed = (packed, scales_zeros)
+        return self._cpu_packed
+
+    def _apply(self, fn, recurse=True):                  # .to()/.cuda() invalidate the CPU kernel layout
+        self._cpu_packed = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if _HAS_INT4_MM and _packed_path(x, rows) and self.out_features % 16 == 0:
+            packed, scales_zeros = self._cpu_kernel_args()
+            x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        dt = _compute_dtype(x)
+        out = _blocked_linear(x.to(dt), self.out_features, lambda lo, hi: self.dequantize(lo, hi, dt),
+                              self.in_features * 4 * 2)   # fp32 temporaries while dequantizing
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+QUANTIZED = (DenseLinear, Int8Linear, Int4Linear)
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) of every big matrix, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        if name.endswith(TARGETS) and isinstance(module, (nn.Linear, *QUANTIZED)):
+            parent_name, _, attr = name.rpartition(".")
+            found.append((model.get_submodule(parent_name) if parent_name else model, attr, module))
+    return found
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, fmt: str, group_size: int = 64) -> nn.Module:
+    """Convert the big matrices of ``model`` to ``fmt`` in place (see the module docstring); returns it.
+
+    Only ``nn.Linear`` modules are converted: a model converted once must be reloaded to change format.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"weight format must be one of {FORMATS}, got {fmt!r}")
+    for parent, attr, lin in _targets(model):
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"{attr} is already converted ({type(lin).__name__}); load the model again to "
+                             f"change its weight format")
+        if fmt in DENSE:
+            new = DenseLinear.from_linear(lin, DENSE[fmt])
+        elif fmt == "int8":
+            new = Int8Linear.from_linear(lin)
+        else:
+            new = Int4Linear.from_linear(lin, group_size)
+        setattr(parent, attr, new)
+    return model
+
+
+def weight_format(model: nn.Module) -> str:
+    """The format of the big matrices: one of FORMATS, or "model" when they are plain nn.Linear."""
+    kinds = set()
+    for _, _, m in _targets(model):
+        if isinstance(m, Int8Linear):
+            kinds.add("int8")
+        elif isinstance(m, Int4Linear):
+            kinds.add("int4")
+        elif isinstance(m, DenseLinear):
+            kinds.add({v: k for k, v in DENSE.items()}[m.weight.dtype])
+        else:
+            kinds.add("model")
+    if len(kinds) != 1:
+        raise ValueError(f"mixed weight formats: {sorted(kinds)}")
+    return kinds.pop()
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer except the embedding table (one
+    row is looked up). This is what bounds batch-1 decoding on a memory-bound CPU."""
+    total = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "emb.weight")
+    return total + model.emb.weight.shape[1] * model.emb.weight.element_size()
+
+
+def save_quantized(model: nn.Module, path: str | Path) -> None:
+    """Write a converted model (any format) to a ``.safetensors`` file, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"quantized checkpoints are safetensors files; got {path.name}")
+    fmt = weight_format(model)
+    if fmt == "model":
+        raise ValueError("the model is not converted: call quantize(model, fmt) first, or use goose.save")
+    group = next((m.group_size for _, _, m in _targets(model) if isinstance(m, Int4Linear)), 0)
+    sd = {k: t.detach().cpu().contiguous() for k, t in model.state_dict().items()}
+    meta = {"format": _FILE_FORMAT, "weights": fmt, "group_size": str(group),
+            "config": json.dumps(model.config.__dict__)}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(sd, str(tmp), metadata=meta)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def is_quantized_file(path: str | Path) -> bool:
+    """True for files written by :func:`save_quantized`."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        return _metadata(path).get("format") == _FILE_FORMAT
+    except Exception:  # noqa: BLE001 - any unreadable header simply means "not ours"; load reports details
+        return False
+
+
+def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """Read a file written by :func:`save_quantized` into an ``RWKV7`` with converted matrices.
+
+    ``dtype`` casts the unconverted tensors (embedding, norms, LoRAs); the converted ones keep their format.
+    """
+    from safetensors.torch import load_file
+
+    from .model import ModelConfig, RWKV7
+
+    path = Path(path)
+    if not is_quantized_file(path):
+        raise ValueError(f"{path} is not a goose quantized checkpoint (see goose.quant.save_quantized)")
+    meta = _metadata(path)
+    cfg = ModelConfig(**json.loads(meta["config"]))
+    with torch.device("meta"):
+        model = RWKV7(cfg)
+        fmt = meta["weights"]
+        for parent, attr, lin in _targets(model):
+            if fmt in DENSE:
+                new = DenseLinear(lin.in_features, lin.out_features, DENSE[fmt])
+            elif fmt == "int8":
+                new = Int8Linear(lin.in_features, lin.out_features)
+            else:
+                new = Int4Linear(lin.in_features, lin.out_features, int(meta["group_size"]))
+            setattr(parent, attr, new)
+    converted = {n + "." for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    sd = load_file(str(path), device=str(device))
+    for k, t in sd.items():
+        if dtype is not None and not k.startswith(tuple(converted)):
+            sd[k] = t.to(dtype)
+        elif fmt == "fp32" and k.endswith(".weight") and k.startswith(tuple(converted)):
+            sd[k] = _fast_layout(t)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,146 @@
+"""Weight formats: each computes what it claims (kernel == plain-torch fallback == dequantized matmul), stays
+close to fp32, round-trips through a file, and never touches anything but the big matrices."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from goose import quant
+from goose.bench.quant import compare
+from goose.checkpoint import load
+from goose.engine import Engine
+from goose.generate import generate
+from goose.sampling import SamplingParams
+from goose.tokenizer import ByteTokenizer
+
+# relative RMS error of the logits against fp32 on a random 2-layer model (measured: bf16 0.007,
+# fp16 0.001, int8 0.02, int4 0.25 -- random weights amplify int4's ~9% per-weight error)
+TOL = {"fp32": 1e-5, "bf16": 0.03, "fp16": 0.005, "int8": 0.06, "int4": 0.5}
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_factory):
+    return load(ckpt_factory("quant.pth", n_layer=2, n_embd=128, vocab_size=1000, seed=3))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def converted(model, fmt, **kw):
+    return quant.quantize(copy.deepcopy(model), fmt, **kw)
+
+
+def decode(model, tokens):
+    state, out = None, []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            logits, state = model(tokens[:, t:t + 1], state, last=True)
+            out.append(logits)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_formats_stay_close_to_fp32_on_both_paths(model, tokens, fmt):
+    q = converted(model, fmt)
+    assert quant.weight_format(q) == fmt
+    with torch.no_grad():
+        ref, _ = model(tokens)
+        prefill, _ = q(tokens)                      # 48 rows per matmul: the fallback
+    step = decode(q, tokens)                        # 2 rows: the packed CPU kernels
+    assert compare(ref, prefill)["rel_rms"] <= TOL[fmt]
+    assert compare(ref, step)["rel_rms"] <= TOL[fmt]
+    assert compare(prefill, step)["rel_rms"] <= TOL[fmt] / 2 + 0.01   # the two paths share their weights
+
+
+def test_fp32_format_is_exact(model, tokens):
+    """The fp32 format only changes the memory layout of the weights."""
+    q = converted(model, "fp32")
+    new, old = q.blocks[0].att.key.weight, model.blocks[0].att.key.weight
+    assert new.shape == old.shape and torch.equal(new, old)
+    with torch.no_grad():
+        torch.testing.assert_close(q(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,kw", [(quant.Int8Linear, {}), (quant.Int4Linear, {"group_size": 32})])
+def test_kernel_equals_fallback_equals_dequantized(cls, kw):
+    """Rows <= PACKED_MAX_ROWS use torch's packed CPU kernel; more rows the plain-torch fallback; both must
+    equal x @ W.T with the dequantized weight (up to the bf16 rounding of activations and outputs)."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(256, 96, bias=False)
+    nn.init.normal_(lin.weight, generator=g)
+    q = cls.from_linear(lin, **kw)
+    w = q.dequantize()
+    assert (w - lin.weight).abs().max() <= (0.51 / 127 if cls is quant.Int8Linear else 0.6 / 15) * \
+        lin.weight.abs().max() * 2
+    x = torch.randn(40, 256, generator=g)
+    ref = x.bfloat16().float() @ w.T
+    with torch.no_grad():
+        few = torch.cat([q(x[i:i + 4]) for i in range(0, 40, 4)])      # packed kernel
+        many = q(x)                                                     # fallback
+    for out in (few, many):
+        assert ((out - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def test_fallback_under_autograd_and_blocked_dequantization(monkeypatch):
+    """With grad enabled the packed kernels (no autograd formula) are skipped; a big matrix is
+    dequantized block by block."""
+    monkeypatch.setattr(quant, "DEQUANT_BLOCK_BYTES", 64 * 256)
+    lin = nn.Linear(256, 200, bias=False)
+    q = quant.Int8Linear.from_linear(lin)
+    x = torch.randn(3, 256, requires_grad=True)
+    out = q(x)
+    out.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(out.detach(), x.detach().bfloat16().float() @ q.dequantize().T, rtol=2e-2, atol=2e-2)
+
+
+def test_only_big_matrices_are_converted(model):
+    q = converted(model, "int8")
+    converted_names = {n for n, m in q.named_modules() if isinstance(m, quant.QUANTIZED)}
+    assert converted_names == {n for n, m in model.named_modules()
+                               if isinstance(m, nn.Linear)}        # the 6 per block + head
+    assert all(n.endswith(quant.TARGETS) for n in converted_names)
+    for name, p in q.named_parameters():                           # LoRAs, mixes, norms, emb untouched
+        assert torch.equal(p, model.get_parameter(name))
+    with pytest.raises(ValueError, match="already converted"):
+        quant.quantize(q, "int4")
+    with pytest.raises(ValueError, match="must be one of"):
+        quant.quantize(copy.deepcopy(model), "int3")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+def test_save_and_load_round_trip(model, tokens, fmt, tmp_path):
+    q = converted(model, fmt)
+    path = tmp_path / f"m-{fmt}.safetensors"
+    quant.save_quantized(q, path)
+    assert quant.is_quantized_file(path) and not quant.is_quantized_file(tmp_path / "missing.safetensors")
+    back = quant.load_quantized(path)
+    assert quant.weight_format(back) == fmt and back.config == model.config
+    with torch.no_grad():
+        assert torch.equal(back(tokens)[0], q(tokens)[0])
+        assert torch.equal(decode(back, tokens[:, :3]), decode(q, tokens[:, :3]))
+    size = path.stat().st_size
+    with pytest.raises(ValueError, match="not converted"):
+        quant.save_quantized(model, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not a goose quantized"):
+        quant.load_quantized(tmp_path / "nothing.safetensors")
+    assert size < sum(t.numel() * 4 for t in model.state_dict().values())
+
+
+def test_weight_bytes_per_token(model):
+    fp32 = quant.weight_bytes_per_token(model)
+    assert quant.weight_bytes_per_token(converted(model, "int8")) < fp32 / 2
+    int8 = quant.weight_bytes_per_token(converted(model, "int8"))
+    assert quant.weight_bytes_per_token(converted(model, "int4")) < int8
+
+
+def test_engine_on_a_quantized_model_equals_generate(tiny_byte_model):
+    q = converted(tiny_byte_model, "int8")
+    tok = ByteTokenizer()
+    prompts = ["abc", "hello there"]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    for prompt, got in zip(prompts, Engine(q, tok).run(prompts, params)):
+        assert got.tokens == generate(q, tok, prompt, params).run().tokens
