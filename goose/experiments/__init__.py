@@ -3,6 +3,7 @@
 * ``word_problems``: group word problems (state tracking), min layers against length.
 * ``mqar``: multi-query associative recall against width / state size.
 * ``parity``: parity and mod-3 counting, trained at length <= 40 and tested at 256.
+* ``passkey``: the RWKV-X hybrid beside a pure RWKV-7 on passkey retrieval, and decode cost against context.
 
 Each writes ``results.json``, ``results.md`` and PNG plots under ``runs/experiments/NAME/`` by default.
 """
@@ -14,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-EXPERIMENTS = ("word_problems", "mqar", "parity")
+EXPERIMENTS = ("word_problems", "mqar", "parity", "passkey")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
