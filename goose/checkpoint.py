@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .model import ModelConfig, RWKV7
 
@@ -97,13 +97,12 @@ def config_from_tensors(sd: dict[str, Tensor], source: str = "state dict") -> Mo
         raise CheckpointError(f"{source} is an incomplete RWKV-7 checkpoint: {e}") from e
 
 
-def _check_against_model(sd: dict[str, Tensor], cfg: ModelConfig, source: str) -> None:
-    with torch.device("meta"):
-        expected = {k: tuple(t.shape) for k, t in RWKV7(cfg).state_dict().items()}
-    missing = sorted(expected.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - expected.keys())
+def layout_problems(sd: dict[str, Tensor], model: nn.Module) -> list[str]:
+    """What keeps ``sd`` from loading strictly into ``model`` (missing, unexpected, mis-shaped tensors)."""
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     wrong = [f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
-             for k in expected.keys() & sd.keys() if tuple(sd[k].shape) != expected[k]]
+             for k in sorted(expected.keys() & sd.keys()) if tuple(sd[k].shape) != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors (e.g. {missing[:4]})")
@@ -111,6 +110,12 @@ def _check_against_model(sd: dict[str, Tensor], cfg: ModelConfig, source: str) -
         problems.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:4]})")
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong[:4]))
+    return problems
+
+
+def _check_against_model(sd: dict[str, Tensor], cfg: ModelConfig, source: str) -> None:
+    with torch.device("meta"):
+        problems = layout_problems(sd, RWKV7(cfg))
     if problems:
         raise CheckpointError(f"{source} does not match the RWKV-7 layout it implies ({cfg}): " + ", ".join(problems))
 

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import LAYER0_UNUSED, CheckpointError, config_from_tensors, detect_version, read_tensors
+from .checkpoint import LAYER0_UNUSED, CheckpointError, config_from_tensors, detect_version, layout_problems, read_tensors
 from .model import ChannelMix, ModelConfig, RWKV7
 from .ops.sparse_attention import dense_causal_attention, sparse_attention
 from .random_weights import random_state_dict as random_rwkv7_state_dict
@@ -122,10 +123,10 @@ def compress_kv(q: Tensor, keys: Tensor, values: Tensor, policy: CachePolicy) ->
 @dataclass
 class RWKVXState:
     """The RWKV blocks' :class:`State`, plus per attention block its ChannelMix token shift
-    (``ffn_shift [A, B, C]``) and KV cache (``keys``/``values``: A tensors ``[B, S, H, D]``)."""
+    (``attn_ffn_shift [A, B, C]``) and KV cache (``keys``/``values``: A tensors ``[B, S, H, D]``)."""
 
     rwkv: State
-    ffn_shift: Tensor
+    attn_ffn_shift: Tensor
     keys: list[Tensor]
     values: list[Tensor]
 
@@ -141,11 +142,11 @@ class RWKVXState:
     @property
     def nbytes(self) -> int:
         """Memory held by the state: RWKV state, token shifts and KV caches."""
-        tensors = [*self.rwkv.tensors().values(), self.ffn_shift, *self.keys, *self.values]
+        tensors = [*self.rwkv.tensors().values(), self.attn_ffn_shift, *self.keys, *self.values]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def clone(self) -> RWKVXState:
-        return RWKVXState(self.rwkv.clone(), self.ffn_shift.clone(), [k.clone() for k in self.keys],
+        return RWKVXState(self.rwkv.clone(), self.attn_ffn_shift.clone(), [k.clone() for k in self.keys],
                           [v.clone() for v in self.values])
 
 
@@ -236,7 +237,7 @@ class RWKVX(nn.Module):
 
         s = state.rwkv
         att_shift, wkv, ffn_shift = list(s.att_shift), list(s.wkv), list(s.ffn_shift)
-        attn_shift, keys, values = list(state.ffn_shift), list(state.keys), list(state.values)
+        attn_ffn_shift, keys, values = list(state.attn_ffn_shift), list(state.keys), list(state.values)
         x = self.rwkv.blocks[0].ln0(self.rwkv.emb(tokens))
         v_first = None
         for kind, i in self.config.order:
@@ -249,15 +250,15 @@ class RWKVX(nn.Module):
                 block = self.moba[i]
                 out, keys[i], values[i] = block.att(block.ln1(x), keys[i], values[i], self.sparse, self.policy)
                 x = x + out
-                out, attn_shift[i] = block.ffn(block.ln2(x), attn_shift[i])
+                out, attn_ffn_shift[i] = block.ffn(block.ln2(x), attn_ffn_shift[i])
             x = x + out
 
         if last:
             x = x[:, -1]
         logits = self.rwkv.head(self.rwkv.ln_out(x))
         rwkv_state = State(torch.stack(att_shift), torch.stack(wkv), torch.stack(ffn_shift))
-        new_attn_shift = torch.stack(attn_shift) if attn_shift else state.ffn_shift
-        return logits, RWKVXState(rwkv_state, new_attn_shift, keys, values)
+        attn_ffn_state = torch.stack(attn_ffn_shift) if attn_ffn_shift else state.attn_ffn_shift
+        return logits, RWKVXState(rwkv_state, attn_ffn_state, keys, values)
 
 
 @torch.no_grad()
@@ -307,17 +308,7 @@ def config_from_checkpoint(sd: dict[str, Tensor], source: str = "state dict") ->
         raise CheckpointError(f"{source} is not a valid RWKV-X checkpoint: {e}") from e
 
 
-def _layout_problems(sd: dict[str, Tensor], model: nn.Module) -> list[str]:
-    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
-             for k in sorted(expected.keys() & sd.keys()) if tuple(sd[k].shape) != expected[k]]
-    return ([f"missing {len(missing)} tensors (e.g. {missing[:4]})"] if missing else []) + \
-           ([f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:4]})"] if unexpected else []) + \
-           (["wrong shapes: " + "; ".join(wrong[:4])] if wrong else [])
-
-
-def load(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          sparse: SparseConfig = SparseConfig(), policy: CachePolicy | None = None) -> RWKVX:
     """Load an RWKV-X checkpoint (``.pth``/``.safetensors``, the rwkv-x layout) into :class:`RWKVX`.
 
@@ -331,7 +322,7 @@ def load(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = tor
         sd.setdefault("rwkv." + key, torch.zeros(shapes[key]))
     with torch.device("meta"):
         model = RWKVX(cfg, sparse, policy)
-    problems = _layout_problems(sd, model)
+    problems = layout_problems(sd, model)
     if problems:
         raise CheckpointError(f"{path} does not match the RWKV-X layout it implies ({cfg.rwkv.n_layer} RWKV "
                               f"blocks, {cfg.n_attn_layer} attention blocks): " + ", ".join(problems))

@@ -34,7 +34,7 @@ class Preset:
     lr: float
     n_layer: int = 2
     head_size: int = 64
-    tokens_per_batch: int = 8192
+    tokens_per_batch: int = 2048
     eval_size: int = 256
     eval_every: int = 100
     target: float = 0.99
@@ -43,9 +43,9 @@ class Preset:
 
 PRESETS = {
     "quick": Preset(settings=((64, 4), (128, 8), (256, 16)), widths=(64, 128), archs=("rwkv7", "rwkv7-a0"),
-                    vocab_size=512, steps=1000, lr=3e-3),
+                    vocab_size=128, steps=1000, lr=3e-3, tokens_per_batch=2048, eval_size=128),
     "full": Preset(settings=((64, 4), (128, 8), (256, 16), (512, 64)), widths=(64, 128, 256),
-                   archs=("rwkv7", "rwkv7-a0"), vocab_size=1024, steps=8000, lr=3e-3, tokens_per_batch=16384),
+                   archs=("rwkv7", "rwkv7-a0"), vocab_size=1024, steps=8000, lr=3e-3, tokens_per_batch=8192),
 }
 
 

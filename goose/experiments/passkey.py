@@ -7,16 +7,19 @@ Both models are trained from scratch, with the same loop, data and steps, on RWK
 (its exact text, in byte tokens) at short lengths, then scored with RWKV-X's protocol
 (``evaluation/pass_key_rwkvx.py``) at longer ones: the needle at depths 0 .. 90%, greedy decoding of
 the answer, exact match. The hybrid is also scored with the KV-cache policy on (scaled down), which
-compresses the cache at the first decoding step as the ``rwkv-x`` package does. Last, decoding time
+compresses the cache at the first decoding step as the ``rwkv-x`` package does, and with dense
+attention, which tells failures of the chunk selection from failures of the model. Last, decoding time
 and state memory against context: the hybrid with and without the policy, with dense attention, and
 RWKV-7.
 
 Scaled-down choices, each a departure from the paper: byte tokens instead of the World vocabulary
-(the answer is `` <key>``, decoded to its length); chunk 64 and top-k 3 instead of 2048 and 3; models
-of 2-4 blocks of width 128 trained for minutes on lengths up to 1-2K instead of 0.2-3.6B models
-trained on 64K; the loss is taken on the needle's repeat and on the answer only; the cache policy is
-rwkv-x's 20000 / 2000 / 16000 divided by about ten. The hybrid is RWKV-X's block expansion of a freshly
-initialised RWKV-7 (``goose.rwkv_x.expand``), sized so both models have the same number of blocks.
+(the answer is `` <key>``, decoded to its length); chunk 64 and top-k 4 instead of 2048 and 3; models
+of 2 blocks of width 64 (quick) or 4 of width 128 (full), trained from scratch for minutes to hours
+on lengths up to 1K or 2K, instead of 0.2-3.6B models grown from pretrained RWKV-7 and trained on
+64K; the loss is taken on the needle's repeat and on the answer only; the cache policy is rwkv-x's
+20000 / 2000 / 16000 divided by about ten (quick) or five (full). The hybrid is RWKV-X's block
+expansion of a freshly initialised RWKV-7 (``goose.rwkv_x.expand``) with as many blocks in all as
+the RWKV-7, one of them attention.
 
 The two models train in parallel worker processes (``workers``), each scoring its own passkey grid;
 the decoding profile then runs in the main process on one thread. Writes OUT/results.json,
@@ -175,34 +178,41 @@ def greedy_tokens(model: nn.Module, logits: Tensor, state: Any, n: int) -> list[
 
 
 @torch.no_grad()
-def passkey_grid(model: nn.Module, preset: Preset, policies: dict[str, CachePolicy | None],
+def passkey_grid(model: nn.Module, p: Preset, variants: dict[str, tuple[SparseConfig | None, CachePolicy | None]],
                  rows_per_batch: int = 10) -> dict[str, dict[int, list[float]]]:
-    """Accuracy (%) per ``policies`` entry, length and depth: ``{name: {length: [acc at depth 0, ...]}}``.
+    """Accuracy (%) per variant, length and depth: ``{name: {length: [acc at depth 0, ...]}}``.
 
-    The answer is the ``1 + len(key)`` tokens after the prompt (`` <key>`` in bytes), stripped, exactly
-    matching the key. One prefill per prompt serves every entry: the policy acts from the first
-    decoding step on, as in the rwkv-x package (a prefill never compresses the cache it starts empty).
+    A variant is the hybrid's ``(sparse, policy)`` setting, ``(None, None)`` for RWKV-7. The answer is
+    the ``1 + len(key)`` tokens after the prompt (`` <key>`` in bytes), stripped, exactly matching the
+    key. Variants with the same attention share one prefill: the policy acts from the first decoding
+    step on, as in the rwkv-x package (a prefill never compresses the cache it starts empty).
     """
     model.eval()
-    cells = [(d, t) for d in range(preset.depths) for t in range(preset.tests)]
-    grid: dict[str, dict[int, list[float]]] = {name: {} for name in policies}
-    for length in preset.eval_lengths:
-        hits = {name: [0] * preset.depths for name in policies}
+    saved = (model.sparse, model.policy) if isinstance(model, RWKVX) else None
+    cells = [(d, t) for d in range(p.depths) for t in range(p.tests)]
+    grid: dict[str, dict[int, list[float]]] = {name: {} for name in variants}
+    for length in p.eval_lengths:
+        hits = {name: [0] * p.depths for name in variants}
         for lo in range(0, len(cells), rows_per_batch):
             batch = cells[lo:lo + rows_per_batch]
             keys = [str(eval_key(t)) for _, t in batch]
-            prompts = torch.tensor([make_prompt(length, d / preset.depths, eval_key(t)) for d, t in batch])
-            logits, state = model(prompts, last=True)
-            for name, policy in policies.items():
-                if isinstance(model, RWKVX):
-                    model.policy = policy
-                decoded = greedy_tokens(model, logits, state, 1 + max(map(len, keys)))
-                for (d, _), key, tokens in zip(batch, keys, decoded):   # as RWKV-X: len(answer) tokens, stripped
-                    hits[name][d] += TOKENIZER.decode(tokens[:1 + len(key)]).strip() == key
-        for name in policies:
-            grid[name][length] = [100.0 * h / preset.tests for h in hits[name]]
-    if isinstance(model, RWKVX):
-        model.policy = None
+            prompts = torch.tensor([make_prompt(length, d / p.depths, eval_key(t)) for d, t in batch])
+            for sparse in dict.fromkeys(sparse for sparse, _ in variants.values()):
+                if saved:
+                    model.sparse, model.policy = sparse, None
+                logits, state = model(prompts, last=True)
+                for name, (variant_sparse, policy) in variants.items():
+                    if variant_sparse != sparse:
+                        continue
+                    if saved:
+                        model.policy = policy
+                    decoded = greedy_tokens(model, logits, state, 1 + max(map(len, keys)))
+                    for (d, _), key, tokens in zip(batch, keys, decoded):   # as RWKV-X: len(answer) tokens, stripped
+                        hits[name][d] += TOKENIZER.decode(tokens[:1 + len(key)]).strip() == key
+        for name in variants:
+            grid[name][length] = [100.0 * h / p.tests for h in hits[name]]
+    if saved:
+        model.sparse, model.policy = saved
     return grid
 
 
@@ -265,6 +275,14 @@ def build_model(name: str, p: Preset, seed: int) -> nn.Module:
     return expand(trunk, p.n_attn, SparseConfig(p.chunk_size, p.topk))
 
 
+def _variants(model: nn.Module, p: Preset) -> dict[str, tuple[SparseConfig | None, CachePolicy | None]]:
+    """What the passkey grid scores: RWKV-7 as is; the hybrid as trained, with the cache policy, and dense."""
+    if not isinstance(model, RWKVX):
+        return {"RWKV-7": (None, None)}
+    return {"RWKV-X": (model.sparse, None), "RWKV-X + cache policy": (model.sparse, p.policy),
+            "RWKV-X, dense attention": (dataclasses.replace(model.sparse, topk=DENSE_TOPK), None)}
+
+
 def _train_and_score(name: str, p: Preset, seed: int, progress: bool) -> dict[str, Any]:
     """One worker's job: train ``name``, score its passkey grid(s); returns the results and the weights."""
     model = build_model(name, p, seed)
@@ -274,9 +292,8 @@ def _train_and_score(name: str, p: Preset, seed: int, progress: bool) -> dict[st
                 lambda gen: training_batch(p.train_lengths, p.batch_size, gen),
                 lambda m: answer_accuracy(m, *val), p.train, seed=seed, desc=name, progress=progress)
     cpu_train = time.process_time() - cpu
-    policies = {"RWKV-X": None, "RWKV-X + cache policy": p.policy} if name == "RWKV-X" else {name: None}
     start = time.perf_counter()
-    grid = passkey_grid(model, p, policies)
+    grid = passkey_grid(model, p, _variants(model, p))
     return {"name": name, "parameters": sum(t.numel() for t in model.parameters()), "steps": fit.steps,
             "train_seconds": fit.seconds, "train_cpu_seconds": cpu_train, "eval_seconds": time.perf_counter() - start,
             "train_answer_accuracy": fit.score, "history": fit.history, "passkey": grid,
@@ -383,7 +400,8 @@ def plot_heatmaps(grids: dict[str, dict[int, list[float]]], p: Preset, path: Pat
 
 
 def plot_decode(rows: list[dict[str, Any]], path: Path) -> None:
-    """Decoding ms/token and state memory against context, one line per model/variant."""
+    """Decoding ms/token and state memory against context, one line per model/variant (the unbounded and
+    dense variants hold the same cache, so their memory lines coincide)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -394,8 +412,10 @@ def plot_decode(rows: list[dict[str, Any]], path: Path) -> None:
         x = [r["context"] for r in mine]
         ax_t.plot(x, [r["ms_per_token"] for r in mine], marker="o", label=name)
         ax_m.plot(x, [r["state_mib"] for r in mine], marker="o", label=name)
+    contexts = sorted({r["context"] for r in rows})
     for ax, label in ((ax_t, "ms per decoded token (median)"), (ax_m, "state memory (MiB)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [_tokens(n) for n in contexts])
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

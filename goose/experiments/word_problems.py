@@ -132,7 +132,8 @@ def report(rows: list[dict[str, Any]], p: Preset, preset_name: str, seconds: flo
             row = {"problem": problem, "arch": ARCHS[arch]}
             for k in p.lengths:
                 depth = min_layers(rows, problem, arch, k)
-                row[f"k{k}"] = depth if depth is not None else f">{p.max_layers}"
+                tried = any(r["problem"] == problem and r["arch"] == arch and r["k"] == k for r in rows)
+                row[f"k{k}"] = depth if depth is not None else f">{p.max_layers}" if tried else f"(>{p.max_layers})"
             summary.append(row)
     stage_cols = [("problem", "problem"), ("arch", "arch"), ("layers", "layers"), ("k", "k"), ("solved", "solved"),
                   ("last_acc", "acc @k (last)"), ("all_acc", "acc @k (all)"), ("acc_2k_last", "acc @2k (last)"),
@@ -140,7 +141,8 @@ def report(rows: list[dict[str, Any]], p: Preset, preset_name: str, seconds: flo
     return "\n\n".join([
         f"# Group word problems ({preset_name} preset)",
         f"Minimum layers reaching > {p.threshold:.0%} accuracy at the last position of length-k words "
-        f"(\">{p.max_layers}\": no depth up to {p.max_layers} did, within {p.steps} steps per stage). "
+        f"(\">{p.max_layers}\": no depth up to {p.max_layers} did, within {p.steps} steps per stage; "
+        f"\"(>{p.max_layers})\": not tried, as every depth already failed at a shorter length). "
         f"Width {p.n_embd}, head size {p.head_size}, batch {p.batch_size}, lr {p.lr}, "
         f"curriculum over k with warm starts. Total time {seconds / 60:.1f} min.",
         markdown_table(summary, [("problem", "problem"), ("arch", "model")] + [(f"k{k}", f"k={k}") for k in p.lengths]),
