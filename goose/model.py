@@ -108,9 +108,11 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None,
-                mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x: ln1 output ``[B, T, C]``; shift: previous token's ``[B, C]``; returns (out, shift, wkv, v_first)."""
+    def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, mode: str,
+                wkv_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x: ln1 output ``[B, T, C]``; shift: previous token's ``[B, C]``; returns (out, shift, wkv, v_first).
+
+        ``wkv_out`` receives the new WKV state (it may be ``wkv_state`` itself; see ops.wkv)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         dx = _token_shift(x, shift)
@@ -136,7 +138,7 @@ class TimeMix(nn.Module):
 
         heads = (B, T, H, N)
         y, wkv_state = wkv(r.view(heads), log_decay.view(heads), k.view(heads), v.view(heads),
-                           -kk, kk * a.view(heads), wkv_state, mode=mode, chunk_len=self.chunk_len)
+                           -kk, kk * a.view(heads), wkv_state, mode=mode, chunk_len=self.chunk_len, out=wkv_out)
         y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
         bonus = ((r * k).view(heads) * self.r_k).sum(dim=-1, keepdim=True) * v.view(heads)
         y = y + bonus.view(B, T, C)
@@ -219,12 +221,17 @@ class RWKV7(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
-            out, s_att, s_wkv, v_first = block.att(block.ln1(x), state.att_shift[i], state.wkv[i], v_first, mode)
+            # without autograd the WKV writes its new state straight into the slot; with autograd (and in
+            # FSDP-wrapped blocks, whose inputs must not be written in place) the copy happens out here
+            wkv_out = None if torch.is_grad_enabled() else new_state.wkv[i]
+            out, s_att, s_wkv, v_first = block.att(block.ln1(x), state.att_shift[i], state.wkv[i], v_first, mode,
+                                                   wkv_out=wkv_out)
             x = x + out
             out, s_ffn = block.ffn(block.ln2(x), state.ffn_shift[i])
             x = x + out
             new_state.att_shift[i].copy_(s_att)
-            new_state.wkv[i].copy_(s_wkv)
+            if wkv_out is None:
+                new_state.wkv[i].copy_(s_wkv)
             new_state.ffn_shift[i].copy_(s_ffn)
 
         if last:

@@ -15,7 +15,7 @@ model.py is not touched: the math has one copy, and a quantized model is still a
 
 Kernels. On CPU, torch's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
 run one decode token fast with bf16 activations, but degrade sharply above a few rows (measured numbers in
-docs/PERFORMANCE.md), so they are used up to ``PACKED_MAX_ROWS`` rows. Every other case (prefill, big
+docs/PERFORMANCE.md), so each class uses them up to ``packed_max_rows`` rows. Every other case (prefill, big
 batches, other devices, a torch without those ops) uses the plain-torch fallback: dequantize a block of
 output rows to the activation's dtype (bf16 activations on CPU for large inputs) and call ``F.linear``;
 blocks keep the temporary below ``DEQUANT_BLOCK_BYTES``. Both paths use the same stored numbers.
@@ -39,7 +39,6 @@ from torch import Tensor, nn
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value", "head")
-PACKED_MAX_ROWS = 16              # above this many rows the packed CPU kernels lose to dequantize + GEMM
 DEQUANT_BLOCK_BYTES = 16 << 20    # largest temporary weight block of the fallback (see the allocator note)
 _FILE_FORMAT = "goose.quant.v1"
 
@@ -48,9 +47,9 @@ _HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
     hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
-def _packed_path(x: Tensor, rows: int) -> bool:
+def _packed_path(x: Tensor, rows: int, max_rows: int) -> bool:
     """Whether torch's packed CPU kernels serve this call (they have no autograd formula)."""
-    return x.device.type == "cpu" and rows <= PACKED_MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
+    return x.device.type == "cpu" and rows <= max_rows and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _blocked_linear(x: Tensor, out_features: int, dequant_rows, row_bytes: int) -> Tensor:
@@ -105,6 +104,8 @@ def _fast_layout(w: Tensor) -> Tensor:
 class Int8Linear(nn.Module):
     """Weight-only int8 with per-output-channel scales: ``W = weight * scale[:, None]``."""
 
+    packed_max_rows = 16     # measured: beyond, dequantize + bf16 GEMM is as fast (`goose bench kernels`)
+
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -126,7 +127,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if _HAS_INT8_MM and _packed_path(x, rows):
+        if _HAS_INT8_MM and _packed_path(x, rows, self.packed_max_rows):
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -153,6 +154,8 @@ class Int4Linear(nn.Module):
     ``weight`` is uint8 ``[out, in / 2]``, two values per byte (low nibble = even input index): a plain,
     device-independent layout. On CPU the kernel's own tiled layout is derived from it on first use.
     """
+
+    packed_max_rows = 64     # measured: the packed kernel beats unpacking + bf16 GEMM up to here
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 64, device=None):
         super().__init__()
@@ -201,7 +204,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if _HAS_INT4_MM and _packed_path(x, rows) and self.out_features % 16 == 0:
+        if _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows) and self.out_features % 16 == 0:
             packed, scales_zeros = self._cpu_kernel_args()
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)

@@ -10,7 +10,7 @@ from goose.bench.train import flops_per_token
 from goose.train.init import model_config, new_model
 
 
-def _no_wkv(r, w, k, v, a, b, state, mode, chunk_len):
+def _no_wkv(r, w, k, v, a, b, state, mode, chunk_len, out=None):
     """Stands in for the WKV so that only the model's weight matmuls are left for the counter; it uses
     every input, so that backward reaches every weight."""
     return (r * w + k * v + a * b).float(), state

@@ -26,7 +26,7 @@ def model(ckpt_factory):
 
 @pytest.fixture(scope="module")
 def tokens():
-    return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
 def converted(model, fmt, **kw):
@@ -48,7 +48,7 @@ def test_formats_stay_close_to_fp32_on_both_paths(model, tokens, fmt):
     assert quant.weight_format(q) == fmt
     with torch.no_grad():
         ref, _ = model(tokens)
-        prefill, _ = q(tokens)                      # 48 rows per matmul: the fallback
+        prefill, _ = q(tokens)                      # 80 rows per matmul: the fallback
     step = decode(q, tokens)                        # 2 rows: the packed CPU kernels
     assert compare(ref, prefill)["rel_rms"] <= TOL[fmt]
     assert compare(ref, step)["rel_rms"] <= TOL[fmt]
@@ -66,7 +66,7 @@ def test_fp32_format_is_exact(model, tokens):
 
 @pytest.mark.parametrize("cls,kw", [(quant.Int8Linear, {}), (quant.Int4Linear, {"group_size": 32})])
 def test_kernel_equals_fallback_equals_dequantized(cls, kw):
-    """Rows <= PACKED_MAX_ROWS use torch's packed CPU kernel; more rows the plain-torch fallback; both must
+    """Rows <= packed_max_rows use torch's packed CPU kernel; more rows the plain-torch fallback; both must
     equal x @ W.T with the dequantized weight (up to the bf16 rounding of activations and outputs)."""
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(256, 96, bias=False)
@@ -75,11 +75,11 @@ def test_kernel_equals_fallback_equals_dequantized(cls, kw):
     w = q.dequantize()
     assert (w - lin.weight).abs().max() <= (0.51 / 127 if cls is quant.Int8Linear else 0.6 / 15) * \
         lin.weight.abs().max() * 2
-    x = torch.randn(40, 256, generator=g)
+    x = torch.randn(q.packed_max_rows + 8, 256, generator=g)
     ref = x.bfloat16().float() @ w.T
     with torch.no_grad():
-        few = torch.cat([q(x[i:i + 4]) for i in range(0, 40, 4)])      # packed kernel
-        many = q(x)                                                     # fallback
+        few = torch.cat([q(x[i:i + 4]) for i in range(0, x.shape[0], 4)])    # packed kernel
+        many = q(x)                                                         # fallback
     for out in (few, many):
         assert ((out - ref).norm() / ref.norm()).item() < 5e-3
 

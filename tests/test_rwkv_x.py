@@ -229,8 +229,10 @@ def test_passkey_experiment_runs_end_to_end(tmp_path):
                                 train=dataclasses.replace(quick.train, steps=2, eval_every=2, warmup_steps=1),
                                 decode_contexts=(300,), decode_steps=1, policy=X.CachePolicy(256, 32, 128))
     results = passkey.run(micro, tmp_path, docs=None)
-    assert set(results["passkey"]) == {"RWKV-X", "RWKV-X + cache policy", "RWKV-X, dense attention", "RWKV-7"}
+    assert set(results["passkey"]) == {"RWKV-X", "RWKV-X + cache policy", "RWKV-X, dense attention",
+                                       "RWKV-X, attention off", "RWKV-7"}
     assert {r["model"] for r in results["decode"]} == {"RWKV-X, unbounded cache", "RWKV-X, cache policy",
                                                         "RWKV-X, dense attention", "RWKV-7"}
-    for name in ("results.json", "results.md", "passkey_heatmap.png", "decode_vs_context.png"):
+    for name in ("results.json", "results.md", "passkey_heatmap.png", "decode_vs_context.png", "rwkv7.pth"):
         assert (tmp_path / name).stat().st_size > 0
+    assert X.load(tmp_path / "rwkv_x.pth").config.n_attn_layer == 1   # the rwkv-x layout

@@ -25,9 +25,10 @@ from goose.checkpoint import load
 from goose.quant import weight_bytes_per_token
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
-# a format must agree with fp32 logits to this relative RMS error on a short prompt to be timed (a guard
-# against a broken kernel, whose error is ~1.4; quality is measured properly by `goose bench quant`)
-SANITY = {"fp32": 1e-4, "bf16": 0.05, "fp16": 0.02, "int8": 0.1, "int4": 0.5}
+# a format must agree with fp32 logits to this relative RMS error on a short prompt to be timed: a guard
+# against a broken kernel (unrelated logits give ~1.4). Random checkpoints amplify weight rounding through
+# the layers (L12-D768: bf16 0.09, int8 0.3, int4 0.7); quality is measured by `goose bench quant`.
+SANITY = {"fp32": 1e-4, "fp16": 0.05, "bf16": 0.3, "int8": 0.6, "int4": 1.2}
 
 
 def _goose_decode(model, batch: int, n: int):
@@ -151,6 +152,40 @@ def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 
     return res
 
 
+def targets(res: dict) -> list[list[object]]:
+    """The issue's targets for one size, as table rows: target, measured, met."""
+    dec, pre, bat = res["decode"], res["prefill"], res["batch"]
+    rows = []
+
+    def check(name: str, value: float | None, goal: float, unit: str = "x") -> None:
+        if value is None:
+            rows.append([name, "not measured", "-"])
+        else:
+            shown = f"{100 * value:.0f}%" if unit == "%" else f"{value:.2f}x"
+            rows.append([name, shown, "met" if value >= goal else "MISSED"])
+
+    def ratio(a: dict, x: str, y: str) -> float | None:
+        return a[x]["tok_s"] / a[y]["tok_s"] if x in a and y in a else None
+
+    official = "official cpu fp32"
+    check("decode B=1, fp32 weights >= 1.5x official cpu fp32", ratio(dec, "goose fp32", official), 1.5)
+    if "goose fp32" in dec:
+        d = dec["goose fp32"]
+        check("decode B=1, fp32 weights >= 80% of the roofline", d["tok_s"] / d["roofline_tok_s"], 0.8, "%")
+    check("decode B=1, int8 >= 3x official cpu fp32", ratio(dec, "goose int8", official), 3.0)
+    if 1024 in pre and official in pre[1024]:
+        p = pre[1024]
+        for fmt, goal in (("fp32", 2.0), ("bf16", 3.5)):
+            if f"goose {fmt}" in p:
+                for ref in ("official cpu fp32", "official cpu bf16"):
+                    if ref in p:
+                        check(f"prefill T=1024, {fmt} weights >= {goal}x {ref}", p[f"goose {fmt}"] / p[ref], goal)
+    for fmt, r in bat.items():
+        if 16 in r and 1 in r:
+            check(f"batched decode B=16 >= 8x B=1, goose {fmt}", r[16] / r[1], 8.0)
+    return rows
+
+
 def run(sizes=("L12-D768", "L24-D1024"), out: str | None = None, **kwargs) -> dict:
     """Print the machine, the bandwidth and every table for each size; optionally save them as JSON."""
     info = machine()
@@ -163,6 +198,9 @@ def run(sizes=("L12-D768", "L24-D1024"), out: str | None = None, **kwargs) -> di
     for size in sizes:
         results["sizes"][size] = run_size(size, **kwargs)
     results["load_average_end"] = machine()["load_average"]
+    for size, res in results["sizes"].items():
+        print_table(f"{size}: targets of the issue (ratios from this run)", ["target", "measured", ""], targets(res))
+    print(f"\nload average at the end: {results['load_average_end']}")
     if out:
         Path(out).write_text(json.dumps(results, indent=1, default=str))
         print(f"\nresults written to {out}")

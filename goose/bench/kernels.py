@@ -3,7 +3,7 @@
 The weights of one L12-D768-V65536 model (12 blocks of r/k/v/o, ffn key/value, plus the head: 135M weights,
 too big for any cache) are multiplied by ``rows`` activation rows, as a decode step of that many sequences
 (or a prefill chunk) does. Reported: billions of weights per second (G w/s; for fp32, 4 GB/s each), median
-of repeats. This is the table quant.py's kernel choices (packed kernels up to PACKED_MAX_ROWS rows, the
+of repeats. This is the table quant.py's kernel choices (packed kernels up to ``packed_max_rows`` rows, the
 dequantize + bf16 GEMM fallback above) were made from.
 """
 from __future__ import annotations

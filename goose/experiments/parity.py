@@ -44,7 +44,7 @@ class Preset:
 
 PRESETS = {
     "quick": Preset(moduli=(2, 3), archs=("rwkv7", "rwkv7-a0", "rwkv7-wide"), layers=(1, 2), n_embd=64,
-                    head_size=16, batch_size=64, steps=1000, lr=3e-3),
+                    head_size=16, batch_size=64, steps=600, lr=3e-3),
     "full": Preset(moduli=(2, 3), archs=("rwkv7", "rwkv7-a0", "rwkv7-wide"), layers=(1, 2, 3), n_embd=128,
                    head_size=32, batch_size=128, steps=10000, lr=2e-3),
 }

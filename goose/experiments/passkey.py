@@ -7,13 +7,14 @@ Both models are trained from scratch, with the same loop, data and steps, on RWK
 (its exact text, in byte tokens) at short lengths, then scored with RWKV-X's protocol
 (``evaluation/pass_key_rwkvx.py``) at longer ones: the needle at depths 0 .. 90%, greedy decoding of
 the answer, exact match. The hybrid is also scored with the KV-cache policy on (scaled down), which
-compresses the cache at the first decoding step as the ``rwkv-x`` package does, and with dense
-attention, which tells failures of the chunk selection from failures of the model. Last, decoding time
+compresses the cache at the first decoding step as the ``rwkv-x`` package does; with dense attention,
+which tells failures of the chunk selection from failures of the model; and with its attention
+switched off, which tells whether it answers through attention at all. Last, decoding time
 and state memory against context: the hybrid with and without the policy, with dense attention, and
 RWKV-7.
 
 Scaled-down choices, each a departure from the paper: byte tokens instead of the World vocabulary
-(the answer is `` <key>``, decoded to its length); chunk 64 and top-k 4 instead of 2048 and 3; models
+(the answer is `` <key>``, decoded to its length); chunk 32 and top-k 4 instead of 2048 and 3; models
 of 2 blocks of width 64 (quick) or 4 of width 128 (full), trained from scratch for minutes to hours
 on lengths up to 1K or 2K, instead of 0.2-3.6B models grown from pretrained RWKV-7 and trained on
 64K; the loss is taken on the needle's repeat and on the answer only; the cache policy is rwkv-x's
@@ -23,13 +24,15 @@ the RWKV-7, one of them attention.
 
 The two models train in parallel worker processes (``workers``), each scoring its own passkey grid;
 the decoding profile then runs in the main process on one thread. Writes OUT/results.json,
-OUT/results.md, OUT/passkey_heatmap.png and OUT/decode_vs_context.png (OUT defaults to
-runs/experiments/passkey) and copies the plots to docs/results/passkey_heatmap.png and
-docs/results/passkey_decode.png.
+OUT/results.md, OUT/passkey_heatmap.png, OUT/decode_vs_context.png and the trained weights,
+OUT/rwkv_x.pth (rwkv-x layout; load with ``goose.rwkv_x.load(path, sparse=SparseConfig(32, 4))``)
+and OUT/rwkv7.pth (OUT defaults to runs/experiments/passkey), and copies the plots to
+docs/results/passkey_heatmap.png and docs/results/passkey_decode.png.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -37,13 +40,14 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..checkpoint import save as save_checkpoint
 from ..model import RWKV7
 from ..rwkv_x import RWKVX, CachePolicy, SparseConfig, expand
 from ..tokenizer import ByteTokenizer
@@ -81,13 +85,13 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset(n_layer=2, n_attn=1, n_embd=64, head_size=32, chunk_size=64, topk=4,
+    "quick": Preset(n_layer=2, n_attn=1, n_embd=64, head_size=32, chunk_size=32, topk=4,
                     train_lengths=(256, 512, 1024), batch_size=8,
                     train=TrainConfig(steps=1200, lr=3e-3, lr_final=3e-4, warmup_steps=30, eval_every=200),
                     eval_lengths=(1024, 2048, 4096, 8192), depths=10, tests=2,
                     policy=CachePolicy(max_size=2048, window=256, min_size=1536),
                     decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768), decode_steps=16),
-    "full": Preset(n_layer=4, n_attn=1, n_embd=128, head_size=64, chunk_size=64, topk=4,
+    "full": Preset(n_layer=4, n_attn=1, n_embd=128, head_size=64, chunk_size=32, topk=4,
                    train_lengths=(256, 512, 1024, 2048), batch_size=8,
                    train=TrainConfig(steps=5000, lr=3e-3, lr_final=3e-4, warmup_steps=100, eval_every=500),
                    eval_lengths=(1024, 2048, 4096, 8192, 16384), depths=10, tests=5,
@@ -283,6 +287,21 @@ def _variants(model: nn.Module, p: Preset) -> dict[str, tuple[SparseConfig | Non
             "RWKV-X, dense attention": (dataclasses.replace(model.sparse, topk=DENSE_TOPK), None)}
 
 
+@contextlib.contextmanager
+def attention_off(model: RWKVX) -> Iterator[None]:
+    """An ablation: zero the attention blocks' output projections (their FFNs stay), restore them after."""
+    saved = [block.att.output.weight.detach().clone() for block in model.moba]
+    with torch.no_grad():
+        for block in model.moba:
+            block.att.output.weight.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for block, weight in zip(model.moba, saved):
+                block.att.output.weight.copy_(weight)
+
+
 def _train_and_score(name: str, p: Preset, seed: int, progress: bool) -> dict[str, Any]:
     """One worker's job: train ``name``, score its passkey grid(s); returns the results and the weights."""
     model = build_model(name, p, seed)
@@ -294,6 +313,9 @@ def _train_and_score(name: str, p: Preset, seed: int, progress: bool) -> dict[st
     cpu_train = time.process_time() - cpu
     start = time.perf_counter()
     grid = passkey_grid(model, p, _variants(model, p))
+    if isinstance(model, RWKVX):   # does the hybrid answer through its attention at all?
+        with attention_off(model):
+            grid.update(passkey_grid(model, p, {"RWKV-X, attention off": (model.sparse, None)}))
     return {"name": name, "parameters": sum(t.numel() for t in model.parameters()), "steps": fit.steps,
             "train_seconds": fit.seconds, "train_cpu_seconds": cpu_train, "eval_seconds": time.perf_counter() - start,
             "train_answer_accuracy": fit.score, "history": fit.history, "passkey": grid,
@@ -316,6 +338,9 @@ def run(p: Preset | str, out: Path | str, seed: int = 0, preset_name: str = "cus
     for name, r in trained.items():
         models[name] = build_model(name, p, seed)
         models[name].load_state_dict(r.pop("weights"))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(models["RWKV-X"].state_dict(), out / "rwkv_x.pth")   # the rwkv-x layout: goose.rwkv_x.load reads it
+    save_checkpoint(models["RWKV-7"], out / "rwkv7.pth")
     decode = decode_profile(models["RWKV-X"], models["RWKV-7"], p)
     passkey = {variant: grid for r in trained.values() for variant, grid in r.pop("passkey").items()}
     results = {"experiment": NAME, "preset": preset_name, "settings": _jsonable(dataclasses.asdict(p)), "seed": seed,
@@ -383,7 +408,7 @@ def plot_heatmaps(grids: dict[str, dict[int, list[float]]], p: Preset, path: Pat
     from matplotlib.colors import LinearSegmentedColormap
 
     cmap = LinearSegmentedColormap.from_list("passkey", ["#F0496E", "#EBB839", "#0CD79F"])
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.6 * len(grids), 3.6), squeeze=False)
     for ax, (name, grid) in zip(axes[0], grids.items()):
         data = np.array([grid[n] for n in p.eval_lengths]).T            # [depth, length]
         ax.imshow(data, cmap=cmap, vmin=0, vmax=100, aspect="auto")

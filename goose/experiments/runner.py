@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -186,7 +187,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 
 def write_results(out: Path, results: dict[str, Any], markdown: str) -> None:
-    """``results.json`` and ``results.md`` in ``out`` (created if needed)."""
+    """``results.json`` (with the machine's load average, which wall-clock times depend on) and
+    ``results.md`` in ``out`` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
+    results = {**results, "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown.rstrip() + "\n")

@@ -110,7 +110,8 @@ def _plot(rows: list[dict[str, Any]], p: Preset, path: Path) -> None:
         for i, arch in enumerate(p.archs):
             ys = [min_layers(rows, problem, arch, k) for k in p.lengths]
             ys = [y if y is not None else p.max_layers + 1 for y in ys]
-            ax.plot(p.lengths, [y + 0.06 * (i - 1.5) for y in ys], "o-", label=ARCHS[arch])
+            offset = 0.06 * (i - (len(p.archs) - 1) / 2)           # keep overlapping lines visible
+            ax.plot(p.lengths, [y + offset for y in ys], "o-", label=ARCHS[arch])
         ax.axhline(p.max_layers + 0.5, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_xticks(p.lengths, [str(k) for k in p.lengths])
