@@ -142,6 +142,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
         needs_separator = not tokenizer.decode(gen.result.tokens).endswith("\n\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """The OpenAI-compatible server (goose/serve.py) on the model of the common model flags."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("goose: error: goose serve needs FastAPI and uvicorn: pip install 'goose[serve]'", file=sys.stderr)
+        sys.exit(2)
+    from . import demo
+    from .serve import create_app, serve
+
+    model, tokenizer, state = _load_model(args)
+    name = args.model_name or (Path(args.model).stem if args.model else Path(demo.info()["file"]).stem)
+    app = create_app(model, tokenizer, name, max_batch=args.max_batch, state=state,
+                     state_cache_mb=args.state_cache_mb, max_prompt_tokens=args.max_prompt_tokens)
+    print(f"goose serve: model {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API: /v1/models, "
+          f"/v1/completions, /v1/chat/completions)", file=sys.stderr)
+    serve(app, host=args.host, port=args.port)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import describe
 
@@ -186,7 +206,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import add_parser as add_experiment_parser
-    from .export import add_parser as add_export_parser
     from .train.data import add_parser as add_data_parser
     from .train.finetune import add_parser as add_finetune_parser
     from .train.trainer import add_parser as add_train_parser
@@ -206,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, max_tokens=500)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, prefix-state cache)")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", metavar="NAME", help="the model id clients send (default: the file's stem)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--state-cache-mb", type=float, default=256,
+                   help="memory for cached prompt-prefix states (0 = no cache)")
+    p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts are refused (400)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("info", help="describe a checkpoint: version, shapes, parameters, dtype, LoRA ranks")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -215,7 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_finetune_parser(sub)
     add_experiment_parser(sub)
-    add_export_parser(sub)
 
     p = sub.add_parser("bench", help="measure speed against the reference (prints a table)")
     p.add_argument("what", choices=("wkv", "tokenizer", "train", "inference", "memory", "quant", "kernels"),

@@ -7,6 +7,11 @@
             print(event.text, end="")
     result = engine.result(seq_id)           # a GenerationResult, as generate() returns
 
+``engine.cancel(seq_id)`` drops a sequence wherever it is (a server does this when its client goes
+away). ``add(..., snapshots=(n, ...), on_snapshot=f)`` calls ``f(n, state)`` with a copy of the state
+after the first ``n`` prompt tokens (prefill chunks are cut at those positions), which is how a server
+caches the state of a shared prompt prefix.
+
 Each step does at most one prefill chunk and one batched decode step:
 
 1. prefill: the oldest waiting sequence runs its next ``prefill_chunk`` prompt tokens, alone, from its
@@ -29,7 +34,8 @@ both share.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
@@ -60,6 +66,8 @@ class _Request:
     tracker: PenaltyTracker | None  # None: no penalties and no bans, nothing to track
     done: int = 0                   # prompt tokens prefilled so far
     logits: torch.Tensor | None = None
+    snapshots: list[int] = field(default_factory=list)   # ascending prompt positions still to report
+    on_snapshot: Callable[[int, State], None] | None = None
 
 
 class Engine:
@@ -75,28 +83,51 @@ class Engine:
         self.logits: torch.Tensor | None = None                 # [n, V] next-token logits of the running rows
         self.waiting: deque[_Request] = deque()                 # prefilling, or prefilled and waiting for a slot
         self.finished: dict[int, GenerationResult] = {}
+        self.last_batch_size = 0                                # rows decoded together by the last step
         self._next_id = 0
         self._no_bytes = _undecodable_from(tokenizer, model.config.vocab_size)
 
     # ---- requests ----------------------------------------------------------------------------------
 
-    def add(self, prompt: str | list[int], params: SamplingParams, state: State | None = None) -> int:
-        """Queue a sequence (text or token ids, continuing from a batch-1 ``state``); returns its id."""
+    def add(self, prompt: str | list[int], params: SamplingParams, state: State | None = None,
+            snapshots: Sequence[int] = (), on_snapshot: Callable[[int, State], None] | None = None) -> int:
+        """Queue a sequence (text or token ids, continuing from a batch-1 ``state``); returns its id.
+
+        For each ``n`` in ``snapshots`` (1 <= n <= prompt length), ``on_snapshot(n, copy of the state
+        after prompt[:n])`` is called during prefill. The passed-in ``state`` is never modified.
+        """
         ids = _prompt_ids(self.tokenizer, prompt)
         if state is not None and state.batch_size != 1:
             raise ValueError(f"expected a batch-1 state per sequence, got batch size {state.batch_size}")
+        marks = sorted(set(snapshots))
+        if marks and (marks[0] < 1 or marks[-1] > len(ids) or on_snapshot is None):
+            raise ValueError(f"snapshots: expected positions in [1, {len(ids)}] and an on_snapshot callback, "
+                             f"got {marks}")
         seq = _new_sequence(self.tokenizer, params, len(ids), self.model.device)
         tracker = None
         if params.presence_penalty or params.frequency_penalty or params.token_ban:
             tracker = PenaltyTracker([params], self.model.config.vocab_size, self.tokenizer.decode, self.model.device)
         prompt_t = torch.tensor([ids], dtype=torch.long, device=self.model.device)
-        req = _Request(self._next_id, seq, prompt_t, state, tracker)
+        req = _Request(self._next_id, seq, prompt_t, state, tracker, snapshots=marks, on_snapshot=on_snapshot)
         self._next_id += 1
         self.waiting.append(req)
         return req.seq_id
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    @torch.inference_mode()
+    def cancel(self, seq_id: int) -> bool:
+        """Drop a waiting or running sequence (it gets no result); False if it is not in the engine."""
+        for req in self.waiting:
+            if req.seq_id == seq_id:
+                self.waiting.remove(req)
+                return True
+        for row, req in enumerate(self.running):
+            if req.seq_id == seq_id:
+                self._leave(row)
+                return True
+        return False
 
     def result(self, seq_id: int) -> GenerationResult:
         """The GenerationResult of a finished sequence."""
@@ -124,6 +155,7 @@ class Engine:
         self._prefill_chunk(events)
         while self.waiting and self.waiting[0].logits is not None and len(self.running) < self.max_batch:
             self._join(self.waiting.popleft())
+        self.last_batch_size = len(self.running)
         if self.running:
             self._decode(events)
         return events
@@ -132,9 +164,13 @@ class Engine:
         req = next((r for r in self.waiting if r.logits is None), None)
         if req is None:
             return
-        chunk = req.prompt[:, req.done:req.done + self.prefill_chunk]
+        end = min(req.done + self.prefill_chunk, *req.snapshots[:1], req.prompt.shape[1])
+        chunk = req.prompt[:, req.done:end]
         logits, req.state = self.model(chunk, req.state, last=True, inplace=req.done > 0)
-        req.done += chunk.shape[1]
+        req.done = end
+        if req.snapshots and req.snapshots[0] == end:
+            req.snapshots.pop(0)
+            req.on_snapshot(end, req.state.clone())
         if req.done == req.prompt.shape[1]:
             req.logits, req.prompt = logits, req.prompt[:, :0]
             if req.seq.params.max_tokens == 0:

@@ -120,3 +120,43 @@ def test_errors(model, tok):
         engine.result(0)
     with pytest.raises(ValueError):
         Engine(model, tok, max_batch=0)
+
+
+def test_cancel_drops_a_sequence_and_the_others_continue(model, tok):
+    params = SamplingParams(temperature=0, max_tokens=10)
+    engine = Engine(model, tok, max_batch=4)
+    ids = [engine.add(p, params) for p in PROMPTS[:3]]
+    for _ in range(4):
+        engine.step()
+    assert len(engine.running) == 3
+    assert engine.cancel(ids[0])                     # running: its row is taken by the last one
+    late = engine.add(PROMPTS[3], params)
+    assert engine.cancel(late)                       # still waiting
+    assert not engine.cancel(late) and not engine.cancel(99)
+    while engine.has_work():
+        engine.step()
+    assert sorted(engine.finished) == ids[1:]
+    for i, prompt in zip(ids[1:], PROMPTS[1:3]):
+        assert_same(engine.result(i), generate(model, tok, prompt, params).run())
+
+
+def test_snapshots_report_the_state_after_each_prompt_prefix(model, tok):
+    ids = list(range(60, 90))
+    got = {}
+    engine = Engine(model, tok, prefill_chunk=8)
+    i = engine.add(ids, SamplingParams(temperature=0, max_tokens=3), snapshots=(30, 5, 12),
+                   on_snapshot=lambda n, s: got.setdefault(n, s))
+    while engine.has_work():
+        engine.step()
+    assert sorted(got) == [5, 12, 30]
+    for n, state in got.items():
+        with torch.no_grad():
+            _, ref = model(torch.tensor([ids[:n]]))
+        for (name, x), y in zip(state.tensors().items(), ref.tensors().values()):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=f"{name} after {n} tokens")
+    assert got[30].wkv.data_ptr() != engine.result(i).state.wkv.data_ptr()   # a copy, not the live state
+    assert_same(engine.result(i), generate(model, tok, ids, SamplingParams(temperature=0, max_tokens=3)).run())
+    with pytest.raises(ValueError, match="snapshots"):
+        engine.add(ids, SamplingParams(), snapshots=(31,), on_snapshot=print)
+    with pytest.raises(ValueError, match="snapshots"):
+        engine.add(ids, SamplingParams(), snapshots=(3,))
