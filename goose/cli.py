@@ -206,6 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import add_parser as add_experiment_parser
+    from .export import add_parser as add_export_parser
     from .train.data import add_parser as add_data_parser
     from .train.finetune import add_parser as add_finetune_parser
     from .train.trainer import add_parser as add_train_parser
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_finetune_parser(sub)
     add_experiment_parser(sub)
+    add_export_parser(sub)
 
     p = sub.add_parser("bench", help="measure speed against the reference (prints a table)")
     p.add_argument("what", choices=("wkv", "tokenizer", "train", "inference", "memory", "quant", "kernels"),
