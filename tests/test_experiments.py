@@ -153,14 +153,21 @@ def test_word_problems_end_to_end(tmp_path, one_thread):
 def test_mqar_end_to_end(tmp_path, one_thread):
     from goose.experiments import mqar
 
-    p = mqar.Preset(settings=((32, 2), (64, 4)), widths=(32, 64), archs=("rwkv7", "rwkv7-a0"), vocab_size=128,
-                    steps=4, lr=3e-3, head_size=32, tokens_per_batch=256, eval_size=16, eval_every=2, workers=1)
+    p = mqar.Preset(settings=((32, 2), (64, 4)), widths=(32, 64), lrs=(3e-3, 1e-3), archs=("rwkv7", "rwkv7-a0"),
+                    vocab_size=128, steps=4, head_size=32, tokens_per_batch=256, eval_size=16, eval_every=2, workers=1)
     mqar.run(p, tmp_path)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [(r["arch"], r["width"], r["state"]) for r in rows] == [
-        ("rwkv7", 32, 2048), ("rwkv7", 64, 4096), ("rwkv7-a0", 32, 2048), ("rwkv7-a0", 64, 4096)]
+    assert [(r["arch"], r["width"], r["state"], r["lr"]) for r in rows] == [
+        ("rwkv7", 32, 2048, 3e-3), ("rwkv7", 64, 4096, 1e-3), ("rwkv7-a0", 32, 2048, 3e-3), ("rwkv7-a0", 64, 4096, 1e-3)]
     assert all(0 <= r["acc_64_4"] <= 1 for r in rows)
     assert (tmp_path / "accuracy_vs_state.png").stat().st_size > 0
+
+
+def test_mqar_needs_one_learning_rate_per_width():
+    from goose.experiments import mqar
+
+    with pytest.raises(ValueError, match="one learning rate per width"):
+        mqar.Preset(settings=((32, 2),), widths=(32, 64), lrs=(3e-3,), archs=("rwkv7",), vocab_size=128, steps=4)
 
 
 def test_parity_end_to_end(tmp_path, one_thread):
