@@ -72,7 +72,8 @@ def wkv_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
     """Chunked parallel form: exact (to fp32 rounding) for any T, differentiable by autograd.
 
     Within a chunk, cumulative log-decays L turn the recurrence into a decay-free delta rule solved by
-    one unit-lower-triangular system; chunks are then chained by the linear map S -> S A_c + H_c.
+    one unit-lower-triangular system; chunks are then chained through the state with three
+    [C, N] x [N, N]-sized products each.
     Decays must be >= exp(-exp(-0.5)) (RWKV-7's clamp) for ``chunk_len`` <= 64 to stay far from
     fp32 overflow; see ops/README.md. Long inputs are processed in segments of about
     ``SEGMENT_ELEMENTS`` values per tensor, which bounds the working memory whatever T is (and keeps
@@ -89,6 +90,15 @@ def wkv_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
     return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
 
 
+def _score_mask(C: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Mask of the [2C, 2C] score matrix, rows (a; r), columns (b; k): the a-rows feed the state *before*
+    step t (strictly earlier s), the r-rows read it *after* (s <= t). The a.b block is negated, so the
+    masked block is -M_b, the strict lower part of the unit-triangular matrix I - M_b."""
+    strict = torch.ones(C, C, dtype=dtype, device=device).tril(-1)
+    incl = torch.ones(C, C, dtype=dtype, device=device).tril()
+    return torch.cat([torch.cat([-strict, strict], 1), torch.cat([incl, incl], 1)], 0)
+
+
 def _chunked_segment(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
                      state: Tensor, chunk_len: int) -> tuple[Tensor, Tensor]:
     B, T, H, N = r.shape
@@ -96,48 +106,49 @@ def _chunked_segment(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: T
     C = chunk_len
     pad = (-T) % C
     n = (T + pad) // C
+    G = n * B * H                                                   # one C x N block per chunk and head
+    if pad:   # padded steps have decay 1 and zero inputs, so they leave the state unchanged
+        r, w, k, v, a, b = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (r, w, k, v, a, b))
+    r, w, k, v, a, b = (x.view(B, n, C, H, N) for x in (r, w, k, v, a, b))
 
-    def chunks(x: Tensor) -> Tensor:
-        """[B, T, H, N] -> chunk-major [B, H, n, C, N] (one copy); padded steps have decay 1 and zero
-        inputs, so they leave the state unchanged."""
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.view(B, n, C, H, N).permute(0, 3, 1, 2, 4).contiguous()
+    def blocks(*xs: Tensor) -> Tensor:
+        """[B, n, C', H, N] parts -> [G, sum C', N] chunk-major blocks, parts stacked along rows (one copy)."""
+        return torch.cat([x.permute(1, 0, 3, 2, 4) for x in xs], dim=-2).view(G, -1, N)
 
-    r, w, k, v, a, b = (chunks(x) for x in (r, w, k, v, a, b))
-    L = w.cumsum(dim=-2)                                            # inclusive cumulative log-decay
-    e_l = L.exp()
-    e_l_end = e_l[..., -1:, :]                                      # decay over the whole chunk
-    qa, qr = a * (L - w).exp(), r * e_l                             # a_t e^{L_{t-1}},  r_t e^{L_t}
-    kb, kk = b / e_l, k / e_l                                       # b_s e^{-L_s},     k_s e^{-L_s}
-    m_b = (qa @ kb.mT).tril_(-1)                                    # a-rows see strictly earlier s,
-    m_k = (qa @ kk.mT).tril_(-1)
-    a_rb = (qr @ kb.mT).tril_()                                     # r-rows see s <= t
-    a_rk = (qr @ kk.mT).tril_()
+    # elementwise work stays in the input layout; the only layout copies are these blocks
+    e_l = w.cumsum(dim=2).exp_()                                    # e^{L_t}, inclusive cumulative decay
+    q_a = torch.cat([a[:, :, :1], a[:, :, 1:] * e_l[:, :, :-1]], dim=2)     # a_t e^{L_{t-1}}
+    q = blocks(q_a, r * e_l)                                        # rows Qa; Qr
+    kx = blocks(b / e_l, k / e_l)                                   # rows Kb; Kk  (b_s, k_s times e^{-L_s})
+    vc, e_end = blocks(v), blocks(e_l[:, :, -1:])                   # V; e^{L_C}, decay over the whole chunk
+    scores = (q @ kx.mT).mul_(_score_mask(C, q.dtype, q.device))   # one GEMM: [[-M_b, M_k], [A_rb, A_rk]]
+    q_r, k_b, k_k = q[:, C:], kx[:, :C], kx[:, C:]
 
-    # (I - M_b) Z = Qa S0^T + M_k V   ->   Z = U S0^T + Zv  (unitriangular: the diagonal is not read)
-    u_zv = torch.linalg.solve_triangular(m_b.neg_(), torch.cat([qa, m_k @ v], dim=-1), upper=False,
-                                         unitriangular=True)
-    u, z_v = u_zv[..., :N], u_zv[..., N:]
-    # Y = (Qr + A_rb U) S0^T + (A_rb Zv + A_rk V)
-    rb = a_rb @ u_zv
-    q_state = qr + rb[..., :N]
-    y_local = rb[..., N:] + a_rk @ v
-    # S_end = S0 diag(e^{L_end}) + Z^T (Kb e^{L_end}) + V^T (Kk e^{L_end})  =  S0 A_c + H_c
-    kb_end, kk_end = kb * e_l_end, kk * e_l_end
-    trans = u.mT @ kb_end
-    trans.diagonal(dim1=-2, dim2=-1).add_(e_l_end.squeeze(-2))
-    drive = z_v.mT @ kb_end + v.mT @ kk_end
+    # (I - M_b) Z = Qa S0^T + M_k V  ->  Z = U S0^T + Zv, with the inverse formed once per chunk (batched
+    # triangular solves against many right-hand sides are slow on CPU; two small GEMMs are not)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(G, C, C)
+    inv = torch.linalg.solve_triangular(scores[:, :C, :C], eye, upper=False, unitriangular=True)
+    u = inv @ q[:, :C]
+    z_v = (inv @ scores[:, :C, C:]) @ vc
+    k_b_end = k_b * e_end                                           # b_s e^{L_C - L_s}
+    h_v = (vc.mT @ k_k).mul_(e_end)                                 # V^T (Kk e^{L_C})
 
-    starts = []
+    # chain the chunks: per chunk and head three [C, N] x [N, N]-sized products
+    #   Y_state = Qr S^T,  Z = U S^T + Zv,  S <- S diag(e^{L_C}) + Z^T (Kb e^{L_C}) + V^T (Kk e^{L_C})
+    BH = B * H
+    u, z_v, k_b_end, h_v, e_end, q_r = (x.reshape(n, BH, *x.shape[1:]) for x in (u, z_v, k_b_end, h_v, e_end, q_r))
+    s = state.reshape(BH, N, N)
+    ys, zs = [], []
     for c in range(n):
-        starts.append(state)
-        state = torch.baddbmm(drive[:, :, c].reshape(B * H, N, N), state.reshape(B * H, N, N),
-                              trans[:, :, c].reshape(B * H, N, N)).view(B, H, N, N)
-    s0 = torch.stack(starts, dim=2)                                 # state entering each chunk
-    y = q_state @ s0.mT + y_local                                   # [B, H, n, C, N]
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, N)[:, :T]
-    return y, state
+        s_t = s.mT
+        ys.append(q_r[c] @ s_t)
+        zs.append(torch.baddbmm(z_v[c], u[c], s_t))
+        s = torch.baddbmm(h_v[c], zs[-1].mT, k_b_end[c]).addcmul_(s, e_end[c])
+    # Y = Qr S^T + A_rb Z + A_rk V
+    y = torch.stack(ys).view(G, C, N)
+    y = y.baddbmm_(scores[:, C:, :C], torch.stack(zs).view(G, C, N)).baddbmm_(scores[:, C:, C:], vc)
+    y = y.view(n, B, H, C, N).permute(1, 0, 3, 2, 4).reshape(B, n * C, H, N)[:, :T]
+    return y, s.view(B, H, N, N)
 
 
 def wkv(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
