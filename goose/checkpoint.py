@@ -1,8 +1,8 @@
 """Checkpoint I/O: official RWKV-LM ``.pth`` and ``.safetensors`` with the same keys.
 
 Loading never runs pickled code (``weights_only=True``), validates every key and shape before a
-model is built (so a bad file raises and nothing is half-loaded), and names the RWKV version of
-files that are not RWKV-7.
+model is built (so a bad file raises and nothing is half-loaded). RWKV-7 files load into ``RWKV7``,
+RWKV-4/5/6 files into the ``goose.legacy`` models; other layouts are named in the error.
 """
 from __future__ import annotations
 
@@ -16,13 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .legacy import MODELS as LEGACY_MODELS
+from .legacy import NAMES as LEGACY_NAMES
+from .legacy import VERSIONS as LEGACY_VERSIONS
+from .legacy import LegacyConfig, LegacyRWKV
 from .model import ModelConfig, RWKV7
 
 LAYER0_UNUSED = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
 class CheckpointError(ValueError):
-    """The file is missing, unreadable, not a checkpoint, or not an RWKV-7 (x070) checkpoint."""
+    """The file is missing, unreadable, not a checkpoint, or not in a layout goose runs."""
 
 
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
@@ -62,7 +66,8 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def detect_version(sd: dict[str, Any]) -> str:
-    """Name the architecture a state dict belongs to: 'x070', 'x060', 'x052', 'v4', 'hf', or 'unknown'."""
+    """Name the architecture a state dict belongs to, as the official ``rwkv`` package tells them apart:
+    'x070', 'x060', 'x052', 'x051', 'x050', 'v4', 'hf' (Hugging Face layout), or 'unknown'."""
     keys = set(sd)
     if any(k.startswith(("model.layers.", "model.embeddings.", "model.embed_tokens.")) for k in keys):
         return "hf"
@@ -70,15 +75,18 @@ def detect_version(sd: dict[str, Any]) -> str:
         return "x070"
     if any(".att.time_maa" in k for k in keys):
         return "x060"
-    if "blocks.0.att.time_faaaa" in keys:
-        return "x052"
+    if "blocks.0.att.ln_x.weight" in keys or "blocks.0.att.time_faaaa" in keys:   # RWKV-5: heads + GroupNorm
+        if "blocks.0.att.gate.weight" not in keys:
+            return "x050"
+        decay = sd.get("blocks.0.att.time_decay")
+        per_channel = decay is not None and decay.dim() > 1 and decay.shape[1] > 1
+        return "x052" if per_channel else "x051"
     if "blocks.0.att.time_first" in keys:
         return "v4"
     return "unknown"
 
 
-_VERSION_NAMES = {"x060": "RWKV-6 (x060)", "x052": "RWKV-5 (x052)", "v4": "RWKV-4",
-                  "hf": "Hugging Face / flash-linear-attention layout"}
+_VERSION_NAMES = {**LEGACY_NAMES, "hf": "Hugging Face / flash-linear-attention layout"}
 
 
 def config_from_tensors(sd: dict[str, Tensor], source: str = "state dict") -> ModelConfig:
@@ -86,9 +94,12 @@ def config_from_tensors(sd: dict[str, Tensor], source: str = "state dict") -> Mo
     version = detect_version(sd)
     if version == "x070" and any(".ffn.s_emb" in k for k in sd):
         raise CheckpointError(f"{source} is an RWKV-7a 'DeepEmbed' checkpoint, which goose does not run yet")
+    if version in LEGACY_VERSIONS:
+        raise CheckpointError(f"{source} is an {_VERSION_NAMES[version]} checkpoint, not RWKV-7 (x070); "
+                              f"goose.load runs it as such")
     if version in _VERSION_NAMES:
-        raise CheckpointError(f"{source} is an {_VERSION_NAMES[version]} checkpoint; goose runs RWKV-7 (x070) "
-                              f"checkpoints in the RWKV-LM layout")
+        raise CheckpointError(f"{source} is in the {_VERSION_NAMES[version]}; goose runs RWKV checkpoints "
+                              f"in the RWKV-LM layout")
     if version != "x070":
         raise CheckpointError(f"{source} is not an RWKV checkpoint (no blocks.N.att.* tensors found)")
     try:
@@ -120,13 +131,18 @@ def _check_against_model(sd: dict[str, Tensor], cfg: ModelConfig, source: str) -
         raise CheckpointError(f"{source} does not match the RWKV-7 layout it implies ({cfg}): " + ", ".join(problems))
 
 
-def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> RWKV7:
-    """Load an official RWKV-7 checkpoint (``.pth`` or ``.safetensors``) into an :class:`RWKV7`.
+def load(path: str | Path, device: torch.device | str = "cpu",
+         dtype: torch.dtype = torch.float32) -> RWKV7 | LegacyRWKV:
+    """Load an official RWKV checkpoint (``.pth`` or ``.safetensors``): RWKV-7 into an :class:`RWKV7`,
+    RWKV-4/5/6 into the matching ``goose.legacy`` model (same calling convention).
 
     Hyper-parameters are inferred from the tensors; weights are cast to ``dtype`` on ``device``.
     Files with or without the unused ``blocks.0.att.v0/v1/v2`` are accepted.
     """
     sd = dict(read_tensors(path))
+    version = detect_version(sd)
+    if version in LEGACY_VERSIONS:
+        return _load_legacy(sd, version, str(path), device, dtype)
     cfg = config_from_tensors(sd, str(path))
     C = cfg.n_embd
     absent = [k for k in LAYER0_UNUSED if k not in sd]
@@ -138,6 +154,30 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     with torch.device("meta"):
         model = RWKV7(cfg)
     model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def _legacy_config(sd: dict[str, Tensor], version: str, source: str) -> LegacyConfig:
+    try:
+        return LegacyConfig.from_state_dict(sd, version)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{source} is an incomplete {_VERSION_NAMES[version]} checkpoint: missing or "
+                              f"malformed {e}") from e
+
+
+def _load_legacy(sd: dict[str, Tensor], version: str, source: str, device: torch.device | str,
+                 dtype: torch.dtype) -> LegacyRWKV:
+    """RWKV-4/5/6: validate the layout the shapes imply, then load. Decay and bonus vectors stay fp32
+    whatever ``dtype`` is (as in the official package: they are exponentiated)."""
+    name, cfg = _VERSION_NAMES[version], _legacy_config(sd, version, source)
+    with torch.device("meta"):
+        model = LEGACY_MODELS[version](cfg)
+    problems = layout_problems(sd, model)
+    if problems:
+        raise CheckpointError(f"{source} does not match the {name} layout it implies ({cfg}): " + ", ".join(problems))
+    fp32 = (".time_decay", ".time_first", ".time_faaaa")
+    model.load_state_dict({k: t.to(device=device, dtype=torch.float32 if k.endswith(fp32) else dtype)
+                           for k, t in sd.items()}, strict=True, assign=True)
     return model.eval()
 
 
@@ -187,4 +227,14 @@ def describe(path: str | Path) -> dict[str, Any]:
                     vocab_size=cfg.vocab_size, ffn_dim=cfg.ffn_dim,
                     lora_ranks={"w": cfg.rank_w, "a": cfg.rank_a, "v": cfg.rank_v, "g": cfg.rank_g},
                     layer0_v="blocks.0.att.v0" in sd)
+    elif version in LEGACY_VERSIONS:
+        cfg = _legacy_config(sd, version, str(path))
+        info.update(architecture=_VERSION_NAMES[version], n_layer=cfg.n_layer, n_embd=cfg.n_embd)
+        if version != "v4":
+            info.update(n_head=cfg.n_head, head_size=cfg.head_size)
+        info.update(vocab_size=cfg.vocab_size, ffn_dim=cfg.ffn_dim)
+        if cfg.dim_att != cfg.n_embd:
+            info.update(dim_att=cfg.dim_att)
+        if version == "x060":
+            info.update(lora_ranks={"mix": cfg.rank_mix, "decay": cfg.rank_decay})
     return info

@@ -1,4 +1,5 @@
-"""Random RWKV-7 weights in the official RWKV-LM layout, for tests, benchmarks and the demo.
+"""Random RWKV weights in the official RWKV-LM layouts (RWKV-7; RWKV-4/5/6 for goose.legacy), for tests,
+benchmarks and the demo.
 
 Values are drawn in the ranges trained models show (decays spread over the whole allowed range,
 non-trivial in-context learning rates and value residuals), so numerics are exercised; the output
@@ -66,6 +67,73 @@ def random_state_dict(n_layer: int, n_embd: int, vocab_size: int, *, head_size: 
     sd["ln_out.weight"] = normal(C, std=0.1, mean=1.0)
     sd["ln_out.bias"] = normal(C, std=0.05)
     sd["head.weight"] = normal(vocab_size, C, std=1 / math.sqrt(C))
+    return {k: t.to(dtype).contiguous() for k, t in sd.items()}
+
+
+def random_legacy_state_dict(version: str, n_layer: int, n_embd: int, vocab_size: int, *, head_size: int = 64,
+                             dim_att: int | None = None, ranks: tuple[int, int] = (32, 64), time_first: bool = False,
+                             seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Random RWKV-4 ('v4'), -5 ('x050', 'x051', 'x052') or -6 ('x060') weights, official key names and shapes.
+
+    Decays span short to near-1 memories, bonuses are of either sign, RWKV-4's keys are scaled up (gain 3) so
+    its e^k weights span many orders of magnitude. ``dim_att``: width of r/k/v (default ``n_embd``); ``ranks``: RWKV-6's
+    mix and decay LoRA ranks; ``time_first``: store an RWKV-5.2 bonus as ln u (``time_first``) instead of u.
+    """
+    g = torch.Generator().manual_seed(seed)
+    C, A = n_embd, dim_att or n_embd
+    H = A // head_size
+    F = int(C * 3.5) // 32 * 32 if version == "x060" else 4 * C
+
+    def normal(*shape: int, std: float = 1.0, mean: float = 0.0) -> Tensor:
+        return torch.randn(*shape, generator=g) * std + mean
+
+    def uniform(*shape: int, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    def linear(n_out: int, n_in: int, gain: float = 1.0) -> Tensor:
+        return normal(n_out, n_in, std=gain / math.sqrt(n_in))
+
+    sd: dict[str, Tensor] = {"emb.weight": normal(vocab_size, C, std=0.3)}
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        for ln in ("ln0", "ln1", "ln2") if i == 0 else ("ln1", "ln2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = normal(C, std=0.1, mean=1.0), normal(C, std=0.05)
+        a, f = p + "att.", p + "ffn."
+        if version == "v4":
+            sd[a + "time_decay"], sd[a + "time_first"] = uniform(A, lo=-6.0, hi=2.0), uniform(A, lo=-3.0, hi=2.0)
+        elif version == "x052":
+            sd[a + "time_decay"] = uniform(H, head_size, lo=-7.0, hi=1.5)
+            u = normal(H, head_size, std=0.5, mean=0.5)
+            sd[a + ("time_first" if time_first else "time_faaaa")] = torch.log(u.abs() + 0.05) if time_first else u
+        elif version in ("x050", "x051"):
+            sd[a + "time_decay"], sd[a + "time_first"] = uniform(H, lo=-5.0, hi=0.5), normal(H, std=0.5, mean=-1.0)
+        elif version == "x060":
+            for name in ("x", "w", "k", "v", "r", "g"):
+                sd[a + "time_maa_" + name] = uniform(1, 1, C)
+            sd[a + "time_maa_w1"] = normal(C, 5 * ranks[0], std=0.1)
+            sd[a + "time_maa_w2"] = normal(5, ranks[0], C, std=0.1)
+            sd[a + "time_decay"] = uniform(1, 1, A, lo=-7.0, hi=1.0)
+            sd[a + "time_decay_w1"] = normal(C, ranks[1], std=0.1)
+            sd[a + "time_decay_w2"] = normal(ranks[1], A, std=0.1)
+            sd[a + "time_faaaa"] = normal(H, head_size, std=0.5, mean=0.5)
+        else:
+            raise ValueError(f"version must be one of v4, x050, x051, x052, x060, got {version!r}")
+        if version != "x060":
+            mixes = ("k", "v", "r") if version in ("v4", "x050") else ("k", "v", "r", "g")
+            for name in mixes:
+                sd[a + "time_mix_" + name] = uniform(1, 1, C)
+        names = ("receptance", "key", "value") + (("gate",) if version not in ("v4", "x050") else ())
+        for name in names:
+            sd[a + name + ".weight"] = linear(A, C, gain=3.0 if version == "v4" and name == "key" else 1.0)
+        sd[a + "output.weight"] = linear(C, A)
+        if version != "v4":
+            sd[a + "ln_x.weight"], sd[a + "ln_x.bias"] = normal(A, std=0.1, mean=1.0), normal(A, std=0.05)
+        for name in ("k", "r"):
+            sd[f + ("time_maa_" if version == "x060" else "time_mix_") + name] = uniform(1, 1, C)
+        sd[f + "key.weight"], sd[f + "receptance.weight"] = linear(F, C), linear(C, C)
+        sd[f + "value.weight"] = linear(C, F, gain=0.5)
+    sd["ln_out.weight"], sd["ln_out.bias"] = normal(C, std=0.1, mean=1.0), normal(C, std=0.05)
+    sd["head.weight"] = linear(vocab_size, C)
     return {k: t.to(dtype).contiguous() for k, t in sd.items()}
 
 

@@ -1,9 +1,11 @@
-"""The recurrent state of an RWKV-7 model: what replaces a KV cache, and its whole API.
+"""The recurrent state of an RWKV model: what replaces a KV cache, and its whole API.
 
-Per layer the state holds the last token's ln1 output (time-mix token shift), the WKV matrices
-``[H, N, N]`` (fp32, official orientation: row = value index, column = key index), and the last
-token's ln2 output (channel-mix token shift). Layers are stacked so batches can be formed and
-split with one tensor operation each.
+Per layer the state holds the last token's ln1 output (time-mix token shift), the WKV state (fp32),
+and the last token's ln2 output (channel-mix token shift). For RWKV-7 the WKV state is ``[H, N, N]``
+matrices in the official orientation (row = value index, column = key index); the older versions of
+goose.legacy use the same fields with their own official WKV layout: RWKV-5/6 ``[H, N, N]`` (row = key
+index), RWKV-4 ``[3, A]`` (numerator, denominator, max exponent). Layers are stacked so batches can be
+formed and split with one tensor operation each.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ _FORMAT = "goose.state.v1"
 
 @dataclass
 class State:
-    """``att_shift``/``ffn_shift``: ``[L, B, C]`` in the model dtype; ``wkv``: ``[L, B, H, N, N]`` fp32."""
+    """``att_shift``/``ffn_shift``: ``[L, B, C]`` in the model dtype; ``wkv``: ``[L, B, H, N, N]`` fp32
+    (RWKV-4: ``[L, B, 3, A]``)."""
 
     att_shift: Tensor
     wkv: Tensor
@@ -112,16 +115,21 @@ class State:
         return cls(tensors["att_shift"], tensors["wkv"], tensors["ffn_shift"])
 
     def to_official(self, row: int = 0) -> list[Tensor]:
-        """The ``rwkv`` pip package's state list for one batch row: ``[x_att, wkv, x_ffn] * L``."""
+        """The ``rwkv`` pip package's state list for one batch row: ``[x_att, wkv, x_ffn] * L``
+        (RWKV-4: ``[x_att, aa, bb, pp, x_ffn] * L``)."""
         out: list[Tensor] = []
         for i in range(self.n_layer):
-            out += [self.att_shift[i, row].clone(), self.wkv[i, row].clone(), self.ffn_shift[i, row].clone()]
+            wkv = list(self.wkv[i, row].clone().unbind(0)) if self.wkv.dim() == 4 else [self.wkv[i, row].clone()]
+            out += [self.att_shift[i, row].clone(), *wkv, self.ffn_shift[i, row].clone()]
         return out
 
     @classmethod
     def from_official(cls, tensors: Sequence[Tensor]) -> State:
-        """Inverse of :meth:`to_official` (a batch of one)."""
-        att = torch.stack(list(tensors[0::3])).unsqueeze(1)
-        wkv = torch.stack(list(tensors[1::3])).unsqueeze(1).float()
-        ffn = torch.stack(list(tensors[2::3])).unsqueeze(1)
+        """Inverse of :meth:`to_official` (a batch of one); an RWKV-4 list is told by its vector WKV parts."""
+        per_layer = 5 if tensors[1].dim() == 1 else 3
+        layers = [tensors[i:i + per_layer] for i in range(0, len(tensors), per_layer)]
+        att = torch.stack([layer[0] for layer in layers]).unsqueeze(1)
+        wkv = torch.stack([torch.stack(list(layer[1:-1])) if per_layer == 5 else layer[1]
+                           for layer in layers]).unsqueeze(1).float()
+        ffn = torch.stack([layer[-1] for layer in layers]).unsqueeze(1)
         return cls(att, wkv, ffn)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import goose
-from goose.checkpoint import CheckpointError, describe, detect_version, load, save
+from goose.checkpoint import CheckpointError, config_from_tensors, describe, detect_version, load, save
 from goose.random_weights import random_state_dict
 
 
@@ -121,21 +121,29 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert not marker.exists()
 
 
-OLD_VERSIONS = {
-    "v4": ["blocks.0.att.time_decay", "blocks.0.att.time_first", "blocks.0.att.time_mix_k"],
-    "x052": ["blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.att.time_mix_k", "blocks.0.att.gate.weight"],
-    "x060": ["blocks.0.att.time_maa_x", "blocks.0.att.time_maa_w1", "blocks.0.att.time_decay_w1", "blocks.0.att.time_faaaa"],
+OLD_VERSIONS = {  # version: the tensors (name -> shape) that tell it apart, as the official rwkv package does
+    "v4": {"blocks.0.att.time_decay": (8,), "blocks.0.att.time_first": (8,), "blocks.0.att.time_mix_k": (1, 1, 8)},
+    "x050": {"blocks.0.att.time_decay": (2,), "blocks.0.att.time_first": (2,), "blocks.0.att.ln_x.weight": (8,)},
+    "x051": {"blocks.0.att.time_decay": (2,), "blocks.0.att.time_first": (2,), "blocks.0.att.ln_x.weight": (8,),
+             "blocks.0.att.gate.weight": (8, 8)},
+    "x052": {"blocks.0.att.time_decay": (2, 4), "blocks.0.att.time_faaaa": (2, 4), "blocks.0.att.gate.weight": (8, 8)},
+    "x060": {"blocks.0.att.time_maa_x": (1, 1, 8), "blocks.0.att.time_maa_w1": (8, 160),
+             "blocks.0.att.time_decay_w1": (8, 64), "blocks.0.att.time_faaaa": (2, 4)},
 }
 
 
 @pytest.mark.parametrize("version", list(OLD_VERSIONS))
-def test_older_rwkv_versions_are_named(tmp_path, version):
+def test_older_rwkv_versions_are_detected_and_named_when_incomplete(tmp_path, version):
+    """RWKV-4/5/6 files load (tests/test_legacy.py); a file with only a version's marker tensors is named."""
     sd = {"emb.weight": torch.zeros(10, 8), "head.weight": torch.zeros(10, 8)}
-    sd.update({k: torch.zeros(8) for k in OLD_VERSIONS[version]})
+    sd.update({k: torch.zeros(shape) for k, shape in OLD_VERSIONS[version].items()})
     torch.save(sd, tmp_path / "old.pth")
     assert detect_version(sd) == version
-    with pytest.raises(CheckpointError, match={"v4": "RWKV-4", "x052": "RWKV-5", "x060": "RWKV-6"}[version]):
+    name = {"v4": "RWKV-4", "x050": "RWKV-5.0", "x051": "RWKV-5.1", "x052": "RWKV-5.2", "x060": "RWKV-6"}[version]
+    with pytest.raises(CheckpointError, match=f"incomplete {name}"):
         load(tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match=f"{name}.*not RWKV-7"):
+        config_from_tensors(sd, "old.pth")
 
 
 def test_wrong_shapes_and_missing_keys(tmp_path):

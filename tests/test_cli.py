@@ -21,6 +21,24 @@ def test_info(ckpt_factory):
     assert "parameters" in goose("info", path).stdout
 
 
+@pytest.mark.parametrize("version", ["v4", "x052", "x060"])
+def test_older_rwkv_versions_info_generate_and_chat(tmp_path, version):
+    import torch
+    from goose.random_weights import random_legacy_state_dict
+
+    path = tmp_path / f"{version}.pth"
+    torch.save(random_legacy_state_dict(version, 2, 64, 257, head_size=32, seed=1), path)
+    info = json.loads(goose("info", path, "--json").stdout)
+    assert info["version"] == version and info["n_layer"] == 2 and info["vocab_size"] == 257
+    assert f"version: {version}" in goose("info", path).stdout
+    out = goose("generate", "--model", path, "--prompt", "Hi", "--max-tokens", "4", "--seed", "0",
+                "--save-state", tmp_path / "s.safetensors")
+    assert "2 prompt + " in out.stderr
+    chat = goose("chat", "--model", path, "--max-tokens", "3", "--state", tmp_path / "s.safetensors",
+                 stdin=f"hi\n/save {tmp_path / 'c.safetensors'}\n/reset\nagain\n/quit\n")
+    assert chat.stdout.count("Assistant:") == 2 and (tmp_path / "c.safetensors").exists()
+
+
 def test_generate_streams_and_saves_state(ckpt_factory, tmp_path):
     path = ckpt_factory("cli_gen.pth", n_layer=2, n_embd=128, vocab_size=65536, seed=3)
     out = goose("generate", "--model", path, "--prompt", "Hello", "--max-tokens", "8", "--seed", "1",
