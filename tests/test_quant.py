@@ -144,3 +144,29 @@ def test_engine_on_a_quantized_model_equals_generate(tiny_byte_model):
     params = SamplingParams(temperature=0, max_tokens=6)
     for prompt, got in zip(prompts, Engine(q, tok).run(prompts, params)):
         assert got.tokens == generate(q, tok, prompt, params).run().tokens
+
+
+# Genesis 1:1-5, King James Version (public domain), in the demo corpus's one-verse-a-line layout
+KJV = """Ge1:1 In the beginning God created the heaven and the earth.
+Ge1:2 And the earth was without form, and void; and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters.
+Ge1:3 And God said, Let there be light: and there was light.
+Ge1:4 And God saw the light, that it was good: and God divided the light from the darkness.
+Ge1:5 And God called the light Day, and the darkness he called Night. And the evening and the morning were the first day.
+"""
+
+
+def test_demo_model_perplexity_per_format(tmp_path):
+    """The issue's quality bar on a model goose trained (the built-in demo model): int8 perplexity within 1%
+    of fp32, int4 within 5%, on both the prefill and the decode path; the text is Bible-like, so the
+    perplexity is far below a byte model's 257."""
+    from goose.bench.quant import perplexity_table
+    from goose.demo import ASSETS, info
+
+    text = tmp_path / "kjv.txt"
+    text.write_text(KJV)
+    res = perplexity_table(str(ASSETS / info()["file"]), str(text), formats=("int8", "int4"), decode_tokens=128)
+    ppl = res["formats"]
+    assert res["tokens"] == len(KJV.encode()) and ppl["fp32"]["prefill"] < 6
+    for path in ("prefill", "decode"):
+        assert ppl["int8"][path] / ppl["fp32"][path] - 1 < 0.01
+        assert ppl["int4"][path] / ppl["fp32"][path] - 1 < 0.05

@@ -3,7 +3,13 @@
 Against the fp32 model on the same tokens: KL(fp32 || format) of the next-token distributions (mean and
 max over positions), top-1 agreement, and the relative RMS error of the logits. Both paths are measured:
 prefill (many rows: the dequantize + GEMM fallback) and decode (one row per step: the packed CPU
-kernels). With ``--model`` and ``--text``, the perplexity of a trained checkpoint on that text, per format.
+kernels).
+
+Then the perplexity of a trained checkpoint per format, on both paths. By default that is the built-in
+demo model (a byte-level RWKV-7 goose trained on the King James Bible) on the text ``goose train`` held
+out from it: the last part of the byte stream ``scripts/train_demo_model.sh`` trains on (the output of
+Debian's ``bible -f Gen1:1-Rev22:21``, so the ``bible-kjv`` and ``bible-kjv-text`` packages are needed).
+``--model PATH --text FILE`` measures another checkpoint on another text instead.
 """
 from __future__ import annotations
 
@@ -71,8 +77,9 @@ def perplexity(model, tokens: list[int], chunk: int = 1024) -> float:
 
 def run(sizes=("L12-D768",), formats=FORMATS, prefill_tokens: int = 512, decode_tokens: int = 64,
         group_size: int = 64, model_path: str | None = None, text_path: str | None = None,
-        max_text_tokens: int = 16384, cache_dir: Path = DEFAULT_CACHE) -> dict:
-    """Print the agreement tables for random checkpoints (and the perplexity table for a trained model)."""
+        max_text_tokens: int = 1 << 20, decode_text_tokens: int = 4096, cache_dir: Path = DEFAULT_CACHE) -> dict:
+    """Print the agreement tables for random checkpoints and the perplexity table of a trained model
+    (the built-in demo model on its held-out text unless ``model_path`` is given)."""
     results: dict = {"random": {}, "perplexity": None}
     for size in sizes:
         model = load(checkpoint(size, cache_dir))
@@ -84,26 +91,70 @@ def run(sizes=("L12-D768",), formats=FORMATS, prefill_tokens: int = 512, decode_
                     f"{decode_tokens} decode steps; int4 group {group_size})",
                     ["format", "path", "KL mean (nats)", "KL max", "top-1 agree", "logit rel. RMS"],
                     [[r[0], r[1], f"{r[2]:.2e}", f"{r[3]:.2e}", r[4], f"{r[5]:.3f}"] for r in rows])
-    if model_path:
-        results["perplexity"] = _perplexity_table(model_path, text_path, formats, max_text_tokens, group_size)
+    results["perplexity"] = perplexity_table(model_path, text_path, formats, max_text_tokens, decode_text_tokens,
+                                             group_size)
     return results
 
 
-def _perplexity_table(model_path: str, text_path: str | None, formats, max_tokens: int, group_size: int) -> dict:
+def demo_validation_tokens() -> list[int]:
+    """The demo model's held-out bytes, as byte-tokenizer ids: the last split of the KJV stream, exactly as
+    ``goose data`` + ``goose train`` (TokenDataset's default split) held it out while training it."""
+    import shutil
+    import subprocess
+
+    from goose.tokenizer import ByteTokenizer
+    from goose.train.data import DEFAULT_MIN_VAL_TOKENS, DEFAULT_VAL_FRACTION
+
+    if shutil.which("bible") is None:
+        raise ValueError("the demo model's validation text comes from Debian's bible program: apt-get install "
+                         "bible-kjv bible-kjv-text (or pass --model and --text)")
+    text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    stream = ByteTokenizer().encode(text) + [0]                      # goose data: one document, then end of text
+    n_val = max(math.ceil(DEFAULT_VAL_FRACTION * len(stream)), DEFAULT_MIN_VAL_TOKENS)
+    return stream[-n_val:]
+
+
+@torch.inference_mode()
+def decode_perplexity(model, tokens: list[int]) -> float:
+    """Perplexity computed one token at a time (the decode path: the packed CPU kernels of int8/int4)."""
+    ids = torch.tensor([tokens])
+    logits = _decode_logits(model, ids[:, :-1])[0]
+    return math.exp(F.cross_entropy(logits.float(), ids[0, 1:]).item())
+
+
+def perplexity_table(model_path: str | None, text_path: str | None, formats=FORMATS, max_tokens: int = 1 << 20,
+                     decode_tokens: int = 4096, group_size: int = 64) -> dict:
+    """Perplexity (and loss in nats/token) per format on the prefill path (all tokens) and the decode path
+    (the first ``decode_tokens``); by default the demo model on its held-out text."""
     from goose.tokenizer import tokenizer_for_vocab
 
-    if not text_path:
+    if model_path is None:
+        from goose.demo import ASSETS, info
+
+        model_path, what = str(ASSETS / info()["file"]), "the demo model's held-out KJV text (goose train's val split)"
+        tokens = demo_validation_tokens() if text_path is None else None
+    elif text_path is None:
         raise ValueError("--text FILE is needed with --model (the text to measure perplexity on)")
+    else:
+        tokens, what = None, text_path
     model = load(model_path)
-    tok = tokenizer_for_vocab(model.config.vocab_size)
-    tokens = tok.encode(Path(text_path).read_text(encoding="utf-8"))[:max_tokens]
-    base = perplexity(model, tokens)
-    ppl = {"fp32": base}
-    for fmt in formats:
-        q = converted(model, fmt, group_size)
-        ppl[fmt] = perplexity(q, tokens)
+    if tokens is None:
+        what = text_path
+        tokens = tokenizer_for_vocab(model.config.vocab_size).encode(Path(text_path).read_text(encoding="utf-8"))
+    tokens = tokens[:max_tokens]
+    if len(tokens) < 2:
+        raise ValueError(f"{what}: needs at least 2 tokens, got {len(tokens)}")
+    short = tokens[:decode_tokens]
+    res = {}
+    for fmt in ("fp32",) + tuple(f for f in formats if f != "fp32"):
+        q = model if fmt == "fp32" else converted(model, fmt, group_size)
+        res[fmt] = {"prefill": perplexity(q, tokens), "decode": decode_perplexity(q, short)}
         del q
-    print_table(f"{model_path}: perplexity on {text_path} ({len(tokens)} tokens)",
-                ["format", "perplexity", "change vs fp32"],
-                [[fmt, f"{p:.4f}", f"{100 * (p / base - 1):+.2f}%"] for fmt, p in ppl.items()])
-    return ppl
+    base = res["fp32"]
+    rows = [[fmt] + [c for path in ("prefill", "decode") for c in
+                     (f"{math.log(r[path]):.4f}", f"{r[path]:.4f}", f"{100 * (r[path] / base[path] - 1):+.2f}%")]
+            for fmt, r in res.items()]
+    print_table(f"{model_path}: perplexity on {what} (prefill path: {len(tokens)} tokens; decode path, one token "
+                f"per step: the first {len(short)}; int4 group {group_size})",
+                ["format", "loss (nats/token)", "perplexity", "vs fp32", "decode loss", "decode ppl", "vs fp32"], rows)
+    return {"model": model_path, "text": what, "tokens": len(tokens), "decode_tokens": len(short), "formats": res}
