@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 CHUNK_LEN = 32
-SEGMENT_ELEMENTS = 1 << 20
+SEGMENT_ELEMENTS = 1 << 18   # ~1 MB per fp32 tensor: measured faster than 1 << 20, forward and backward
 MODES = ("auto", "scan", "chunked")
 
 
@@ -117,8 +117,7 @@ def _chunked_segment(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: T
 
     # elementwise work stays in the input layout; the only layout copies are these blocks
     e_l = w.cumsum(dim=2).exp_()                                    # e^{L_t}, inclusive cumulative decay
-    q_a = torch.cat([a[:, :, :1], a[:, :, 1:] * e_l[:, :, :-1]], dim=2)     # a_t e^{L_{t-1}}
-    q = blocks(q_a, r * e_l)                                        # rows Qa; Qr
+    q = blocks(a[:, :, :1], a[:, :, 1:] * e_l[:, :, :-1], r * e_l)  # rows Qa (a_t e^{L_{t-1}}); Qr
     kx = blocks(b / e_l, k / e_l)                                   # rows Kb; Kk  (b_s, k_s times e^{-L_s})
     vc, e_end = blocks(v), blocks(e_l[:, :, -1:])                   # V; e^{L_C}, decay over the whole chunk
     scores = (q @ kx.mT).mul_(_score_mask(C, q.dtype, q.device))   # one GEMM: [[-M_b, M_k], [A_rb, A_rk]]
