@@ -6,6 +6,7 @@ chunked output is checked against the scan before any time is reported.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -52,7 +53,8 @@ def run(seq_len: int = 4096, batch_size: int = 1, n_head: int = 12, repeats: int
         "fwdbwd_chunked": median_seconds(_forward_backward(wkv_chunked, xs), repeats),
     }
     tokens = batch_size * seq_len
-    print(f"WKV7 at B={batch_size} T={seq_len} H={n_head} N=64, {torch.get_num_threads()} threads "
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"WKV7 at B={batch_size} T={seq_len} H={n_head} N=64, {torch.get_num_threads()} threads{load} "
           f"(chunked vs scan max rel. error {err:.1e}); median of {repeats}")
     print(f"{'pass':<18}{'scan s':>10}{'chunked s':>12}{'speed-up':>10}{'chunked tok/s':>15}")
     for name, label in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
