@@ -202,6 +202,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "kernels":
         from .bench.kernels import run
         run(repeats=args.repeats)
+    elif args.what == "llamacpp":
+        from .bench.llamacpp import DEFAULT_LLAMA_BENCH, LLAMA_TYPES, run
+        run(llama_bench=args.llama_bench or DEFAULT_LLAMA_BENCH, size=args.sizes.split(",")[0],
+            formats=tuple(f for f in args.formats.split(",") if f in LLAMA_TYPES), repeats=args.repeats,
+            out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,13 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
 
     p = sub.add_parser("bench", help="measure speed against the reference (prints a table)")
-    p.add_argument("what", choices=("wkv", "tokenizer", "train", "inference", "memory", "quant", "kernels"),
+    p.add_argument("what", choices=("wkv", "tokenizer", "train", "inference", "memory", "quant", "kernels",
+                                    "llamacpp"),
                    help="train: forward+backward tokens/s and MFU of an L6-D512 World-vocabulary model at "
                         "ctx 512, micro-batch 4, chunked WKV vs the scan, fp32 and bf16 autocast; inference: "
                         "decode/prefill/batched decode vs the official rwkv package, with the roofline; memory: "
                         "decode speed and peak RSS against context length beside a Transformer; quant: quality "
                         "of each weight format against fp32; kernels: matmul throughput of each weight format "
-                        "by batch size")
+                        "by batch size; llamacpp: decode and pp512 beside llama.cpp's llama-bench on the same "
+                        "weights, per precision")
     p.add_argument("--seq-len", type=int, default=4096, help="wkv: sequence length")
     p.add_argument("--batch-size", type=int, default=1, help="wkv: batch size")
     p.add_argument("--n-head", type=int, default=12, help="wkv: heads of 64 channels")
@@ -271,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="context.png", help="memory: PNG of speed and memory against context")
     p.add_argument("--model", metavar="PATH", help="quant: a trained checkpoint to measure perplexity with")
     p.add_argument("--text", metavar="FILE", help="quant: the text for --model's perplexity")
-    p.add_argument("--out", metavar="JSON", help="inference/memory: also write the numbers here")
+    p.add_argument("--llama-bench", metavar="PATH",
+                   help="llamacpp: llama.cpp's llama-bench, built by scripts/build_llamacpp.sh "
+                        "(default /tmp/llamacpp/llama.cpp/build/bin/llama-bench)")
+    p.add_argument("--out", metavar="JSON", help="inference/memory/llamacpp: also write the numbers here")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_bench)
     return parser
