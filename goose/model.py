@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import wkv
-from .state import State
+from .state import State, starting_state
 
 OFFICIAL_LOG_DECAY_FLOOR = -math.exp(-0.5)  # decay = exp(-e^{-1/2} sigmoid(w)) lies in (0.545, 1)
 
@@ -203,15 +203,7 @@ class RWKV7(nn.Module):
         new State; the caller's state is left untouched unless ``inplace=True``. ``mode`` picks the
         WKV form ("auto", "scan" or "chunked"); all give the same result.
         """
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        if T == 0:
-            raise ValueError("tokens must contain at least one position")
-        if state is None:
-            state = self.new_state(B)
-        elif state.batch_size != B:
-            raise ValueError(f"state holds a batch of {state.batch_size}, tokens a batch of {B}")
+        state = starting_state(tokens, state, self.new_state)
 
         # each layer's new state is written straight into its slot (of the caller's state if inplace), so
         # decoding allocates no state-sized temporaries; a layer reads its old slot before it is written

@@ -42,7 +42,7 @@ from .checkpoint import LAYER0_UNUSED, CheckpointError, config_from_tensors, det
 from .model import ChannelMix, ModelConfig, RWKV7
 from .ops.sparse_attention import dense_causal_attention, sparse_attention
 from .random_weights import random_state_dict as random_rwkv7_state_dict
-from .state import State
+from .state import State, starting_state
 
 FLAVOURS = ("moba", "package")
 
@@ -227,13 +227,7 @@ class RWKVX(nn.Module):
 
         ``mode`` is the WKV form of the RWKV blocks (see :meth:`goose.model.RWKV7.forward`).
         """
-        if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
-        B = tokens.shape[0]
-        if state is None:
-            state = self.new_state(B)
-        elif state.batch_size != B:
-            raise ValueError(f"state holds a batch of {state.batch_size}, tokens a batch of {B}")
+        state = starting_state(tokens, state, self.new_state)
 
         s = state.rwkv
         att_shift, wkv, ffn_shift = list(s.att_shift), list(s.wkv), list(s.ffn_shift)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -133,3 +133,21 @@ class State:
                            for layer in layers]).unsqueeze(1).float()
         ffn = torch.stack([layer[-1] for layer in layers]).unsqueeze(1)
         return cls(att, wkv, ffn)
+
+
+AnyState = TypeVar("AnyState")
+
+
+def starting_state(tokens: Tensor, state: AnyState | None, new_state: Callable[[int], AnyState]) -> AnyState:
+    """The state a forward pass over ``tokens [B, T]`` starts from: ``state``, or ``new_state(B)`` when None.
+
+    Every model's forward checks its input the same way: 2-D tokens with T >= 1, a state of the same batch.
+    """
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
+    B = tokens.shape[0]
+    if state is None:
+        return new_state(B)
+    if state.batch_size != B:
+        raise ValueError(f"state holds a batch of {state.batch_size}, tokens a batch of {B}")
+    return state

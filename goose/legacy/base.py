@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..state import State
+from ..state import State, starting_state
 
 VERSIONS = ("v4", "x050", "x051", "x052", "x060")
 NAMES = {"v4": "RWKV-4", "x050": "RWKV-5.0 (x050)", "x051": "RWKV-5.1 (x051)", "x052": "RWKV-5.2 (x052)",
@@ -144,14 +144,8 @@ class LegacyRWKV(nn.Module):
         if mode not in ("auto", "scan"):
             raise ValueError(f"{NAMES[self.config.version]} runs the recurrent scan only; mode must be 'auto' "
                              f"or 'scan', got {mode!r}")
-        if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
-        B = tokens.shape[0]
-        if state is None:
-            state = self.new_state(B)
-        elif state.batch_size != B:
-            raise ValueError(f"state holds a batch of {state.batch_size}, tokens a batch of {B}")
-        elif tuple(state.wkv.shape[2:]) != self.wkv_shape() or state.n_layer != self.config.n_layer:
+        state = starting_state(tokens, state, self.new_state)
+        if tuple(state.wkv.shape[2:]) != self.wkv_shape() or state.n_layer != self.config.n_layer:
             raise ValueError(f"state does not fit this {NAMES[self.config.version]} model: WKV "
                              f"{tuple(state.wkv.shape)}, expected [{self.config.n_layer}, B, "
                              f"{', '.join(map(str, self.wkv_shape()))}]")
