@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import wkv
+from .ops import blas_matvec, matmul, wkv
 from .state import State, starting_state
 
 OFFICIAL_LOG_DECAY_FLOOR = -math.exp(-0.5)  # decay = exp(-e^{-1/2} sigmoid(w)) lies in (0.545, 1)
@@ -85,6 +85,13 @@ def _token_shift(x: Tensor, shift: Tensor) -> Tensor:
     return torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1) - x
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) whose product runs on ``ops.matmul``'s fast CPU kernels."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return matmul(x, self.weight.t()) if self.bias is None else super().forward(x)
+
+
 class TimeMix(nn.Module):
     """The attention replacement: token shift, r/w/k/v/a/g projections, WKV, GroupNorm, bonus, gate."""
 
@@ -102,10 +109,10 @@ class TimeMix(nn.Module):
         self.g1, self.g2 = nn.Parameter(torch.empty(C, cfg.rank_g)), nn.Parameter(torch.empty(cfg.rank_g, C))
         self.k_k, self.k_a = _vector(C), _vector(C)
         self.r_k = nn.Parameter(torch.empty(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
     def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, mode: str,
@@ -122,19 +129,20 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        log_decay = self.log_decay_floor * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
-        g = torch.sigmoid(xg @ self.g1) @ self.g2                            # output gate
+        log_decay = self.log_decay_floor * torch.sigmoid((self.w0 + matmul(torch.tanh(matmul(xw, self.w1)),
+                                                                          self.w2)).float())
+        g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)              # output gate
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)            # removal key, unit per head
         if self.iclr:
-            a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)            # in-context learning rate
+            a = torch.sigmoid(self.a0 + matmul(matmul(xa, self.a1), self.a2))  # in-context learning rate
             k = k * (1 + (a - 1) * self.k_a)
         else:
             a = torch.zeros_like(k)
         if self.layer_id == 0:
             v_first = v
         else:                                                                # value residual to layer 0
-            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2).to(v.dtype))
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + matmul(matmul(xv, self.v1), self.v2)).to(v.dtype))
 
         heads = (B, T, H, N)
         y, wkv_state = wkv(r.view(heads), log_decay.view(heads), k.view(heads), v.view(heads),
@@ -151,8 +159,8 @@ class ChannelMix(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.x_k = _vector(cfg.n_embd)
-        self.key = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
-        self.value = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
+        self.key = Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.value = Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
         k = torch.relu(self.key(torch.addcmul(x, _token_shift(x, shift), self.x_k))) ** 2
@@ -180,7 +188,7 @@ class RWKV7(nn.Module):
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -204,6 +212,11 @@ class RWKV7(nn.Module):
         WKV form ("auto", "scan" or "chunked"); all give the same result.
         """
         state = starting_state(tokens, state, self.new_state)
+        one_token_fp32 = tokens.numel() == 1 and self.device.type == "cpu" and self.head.weight.dtype == torch.float32
+        with blas_matvec(one_token_fp32):
+            return self._forward(tokens, state, last, mode, inplace)
+
+    def _forward(self, tokens: Tensor, state: State, last: bool, mode: str, inplace: bool) -> tuple[Tensor, State]:
 
         # each layer's new state is written straight into its slot (of the caller's state if inplace), so
         # decoding allocates no state-sized temporaries; a layer reads its old slot before it is written

@@ -6,11 +6,8 @@ key/value, head) for modules that compute the same ``x @ W.T`` from a compact we
 model.py is not touched: the math has one copy, and a quantized model is still an ``RWKV7``.
 
 - ``fp32``/``bf16``/``fp16``: the weight in that dtype; activations are cast to it and back (so an fp32
-  model can read bf16 weights). fp32 weights are stored transposed (``[in, out]`` in memory, same shape
-  and values), which the CPU matrix-vector kernels read ~1.3x faster than ``[out, in]`` (measured here),
-  and on CPU, for more than one row, they are multiplied by oneDNN's fp32 GEMM
-  (``torch.ops.mkldnn._linear_pointwise``), which runs ~2x torch's default (MKL) GEMM on this AVX-512 CPU
-  (docs/PERFORMANCE.md).
+  model can read bf16 weights). fp32 products run on ``goose.ops.matmul``'s CPU kernels, like the plain
+  model's.
 - ``int8``: symmetric, one scale per output channel (``w = q * scale``, ``q`` in [-127, 127]).
 - ``int4``: asymmetric, one (scale, zero) pair per group of ``group_size`` input channels
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
@@ -39,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import matmul
+
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value", "head")
@@ -48,7 +47,6 @@ _FILE_FORMAT = "goose.quant.v1"
 _HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
     hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _cpu_kernel_ok(x: Tensor) -> bool:
@@ -97,12 +95,8 @@ class DenseLinear(nn.Module):
             # fast): widen the weight block by block and multiply in fp32 instead
             out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
             return out.to(x.dtype)
-        rows = x.numel() // self.in_features
-        if _HAS_ONEDNN_LINEAR and w.dtype == x.dtype == torch.float32 and rows > 1 and _cpu_kernel_ok(x):
-            # oneDNN's fp32 GEMM: the same fp32 arithmetic, but on this AVX-512 CPU it runs about 2x MKL's from
-            # 4 rows up (measured); at one row, memory-bound, MKL's matrix-vector product was faster in the model
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), w, None, "none", [], "")
-            return out.view(*x.shape[:-1], self.out_features)
+        if w.dtype == x.dtype == torch.float32:
+            return matmul(x, w.t())
         return F.linear(x.to(w.dtype), w).to(x.dtype)
 
     def extra_repr(self) -> str:

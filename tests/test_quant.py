@@ -171,23 +171,3 @@ def test_demo_model_perplexity_per_format(tmp_path):
         assert ppl["int8"][path] / ppl["fp32"][path] - 1 < 0.01
         assert ppl["int4"][path] / ppl["fp32"][path] - 1 < 0.05
 
-
-@pytest.mark.parametrize("rows", [1, 5])
-def test_fp32_kernel_choice_matches_plain_linear_and_keeps_autograd(rows, monkeypatch):
-    """fp32 weights use oneDNN's GEMM for several rows without autograd; it must equal F.linear (the fallback,
-    also used under autograd, where gradients must flow)."""
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(96, 80, bias=False)
-    nn.init.normal_(lin.weight, generator=g)
-    m = quant.DenseLinear.from_linear(lin, torch.float32)
-    x = torch.randn(rows, 96, generator=g)              # 1 row: MKL, 5 rows: oneDNN
-    with torch.no_grad():
-        fast = m(x)
-        monkeypatch.setattr(quant, "_HAS_ONEDNN_LINEAR", False)
-        plain = m(x)
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast, x @ lin.weight.detach().T, rtol=1e-5, atol=1e-5)
-    monkeypatch.undo()
-    xg = x.clone().requires_grad_()
-    m(xg).sum().backward()
-    torch.testing.assert_close(xg.grad, lin.weight.detach().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
