@@ -85,7 +85,7 @@ class DenseLinear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> DenseLinear:
         m = cls(lin.in_features, lin.out_features, dtype, lin.weight.device)
-        m.weight = _fast_layout(lin.weight.detach().to(dtype))
+        m.weight = lin.weight.detach().to(dtype).contiguous()
         return m
 
     def forward(self, x: Tensor) -> Tensor:
@@ -101,13 +101,6 @@ class DenseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"
-
-
-def _fast_layout(w: Tensor) -> Tensor:
-    """fp32 weights on CPU stored transposed (same shape and values, strides of ``w.t().contiguous().t()``)."""
-    if w.device.type == "cpu" and w.dtype == torch.float32:
-        return w.t().contiguous().t()
-    return w.contiguous()
 
 
 class Int8Linear(nn.Module):
@@ -356,7 +349,5 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     for k, t in sd.items():
         if dtype is not None and not k.startswith(tuple(converted)):
             sd[k] = t.to(dtype)
-        elif fmt == "fp32" and k.endswith(".weight") and k.startswith(tuple(converted)):
-            sd[k] = _fast_layout(t)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

@@ -10,6 +10,13 @@ from goose.ops import blas_matvec, matmul
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def _fast_kernels_for_every_size(monkeypatch):
+    """The kernels' size thresholds would send these small test products to torch."""
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "BLAS_MIN_WEIGHT", 0)
+
+
 def _operands(rows: int, lead: tuple[int, ...], transposed_weight: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, rows, 96, generator=g)

@@ -11,6 +11,10 @@ to plain torch:
 - several rows, or autograd: oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``), with a backward
   made of the same GEMM.
 
+Small products stay on torch: each oneDNN call costs ~12 us and each numpy call a few, more than MKL needs for
+a LoRA-sized product (measured: a 768x64 weight times 16 rows takes 13 us on MKL, 18 on oneDNN); the
+thresholds below are where the measured times cross.
+
 All three compute the same fp32 dot products (summation order differs, as between any two BLAS libraries).
 Set ``GOOSE_PLAIN_MATMUL=1`` to turn both off and use torch's default everywhere.
 
@@ -33,6 +37,9 @@ from torch import Tensor
 _ENABLED = os.environ.get("GOOSE_PLAIN_MATMUL", "") in ("", "0")
 _HAS_ONEDNN = _ENABLED and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
+
+ONEDNN_MIN_MACS = 1 << 20         # rows x weight elements: below, MKL's fixed cost is lower
+BLAS_MIN_WEIGHT = 1 << 17         # weight elements for OpenBLAS's matrix-vector product
 
 _local = threading.local()
 
@@ -86,9 +93,9 @@ def matmul(x: Tensor, w: Tensor) -> Tensor:
     rows = x.numel() // x.shape[-1]
     out_shape = (*x.shape[:-1], w.shape[1])
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if rows == 1 and not needs_grad and getattr(_local, "active", False):
+    if rows == 1 and not needs_grad and getattr(_local, "active", False) and w.numel() >= BLAS_MIN_WEIGHT:
         return torch.from_numpy(np.matmul(x.detach().reshape(1, -1).numpy(), w.detach().numpy())).view(out_shape)
-    if not _HAS_ONEDNN or rows == 0:
+    if not _HAS_ONEDNN or rows * w.numel() < ONEDNN_MIN_MACS:
         return x @ w
     x2d = x.reshape(rows, x.shape[-1])
     if needs_grad:
