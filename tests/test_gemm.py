@@ -71,3 +71,11 @@ def test_other_dtypes_use_torch():
     out = matmul(x.bfloat16(), w.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, x.bfloat16() @ w.bfloat16())
+
+
+def test_autocast_still_lowers_precision():
+    """Under bf16 autocast the product must be autocast's bf16 one, not an fp32 kernel."""
+    x, w = _operands(64, (), False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = matmul(x, w)
+    assert out.dtype == torch.bfloat16

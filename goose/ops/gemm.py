@@ -61,7 +61,9 @@ def blas_matvec(enabled: bool = True) -> Iterator[None]:
 
 
 def _fp32_cpu(x: Tensor, w: Tensor) -> bool:
-    return _ENABLED and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    """An fp32 product on CPU that autocast would not turn into a lower-precision one."""
+    return (_ENABLED and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _onednn(x2d: Tensor, weight: Tensor) -> Tensor:
