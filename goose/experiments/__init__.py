@@ -3,7 +3,6 @@
 * ``word_problems``: group word problems (state tracking), min layers against length.
 * ``mqar``: multi-query associative recall against width / state size.
 * ``parity``: parity and mod-3 counting, trained at length <= 40 and tested at 256.
-* ``passkey``: RWKV-X's passkey retrieval in miniature, a small RWKV-X against RWKV-7.
 * ``passkey``: the RWKV-X hybrid beside a pure RWKV-7 on passkey retrieval, and decode cost against context.
 
 Each writes ``results.json``, ``results.md`` and PNG plots under ``runs/experiments/NAME/`` by default.
