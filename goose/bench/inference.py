@@ -88,11 +88,10 @@ def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 
     """All three tables for one checkpoint size; returns the numbers."""
     path = checkpoint(size, cache_dir)
     base = load(path)
-    models = {fmt: converted(base, fmt) for fmt in formats if fmt != "fp32"}
-    models = {"fp32": converted(base, "fp32"), **models}
+    # fp32 is the model as loaded (what `goose generate` runs without --quant); the others are converted copies
+    models = {"fp32": base, **{fmt: converted(base, fmt) for fmt in formats if fmt != "fp32"}}
     _check(models, base.config.vocab_size)
     goose = {f"goose {fmt}": m for fmt, m in models.items()}
-    goose["goose fp32, plain nn.Linear"] = base
     refs = {}
     if with_official:
         for dt in ("fp32", "bf16"):
