@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import blas_matvec, matmul, wkv
+from .ops import Linear, matmul, one_token_step, wkv
 from .state import State, starting_state
 
 OFFICIAL_LOG_DECAY_FLOOR = -math.exp(-0.5)  # decay = exp(-e^{-1/2} sigmoid(w)) lies in (0.545, 1)
@@ -83,13 +83,6 @@ def _token_shift(x: Tensor, shift: Tensor) -> Tensor:
     if x.shape[1] == 1:                                                      # decoding: no concatenation
         return shift.unsqueeze(1) - x
     return torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1) - x
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and keys) whose product runs on ``ops.matmul``'s fast CPU kernels."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return matmul(x, self.weight.t()) if self.bias is None else super().forward(x)
 
 
 class TimeMix(nn.Module):
@@ -212,8 +205,7 @@ class RWKV7(nn.Module):
         WKV form ("auto", "scan" or "chunked"); all give the same result.
         """
         state = starting_state(tokens, state, self.new_state)
-        one_token_fp32 = tokens.numel() == 1 and self.device.type == "cpu" and self.head.weight.dtype == torch.float32
-        with blas_matvec(one_token_fp32):
+        with one_token_step(tokens, self.head.weight):
             return self._forward(tokens, state, last, mode, inplace)
 
     def _forward(self, tokens: Tensor, state: State, last: bool, mode: str, inplace: bool) -> tuple[Tensor, State]:

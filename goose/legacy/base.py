@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..ops import Linear, one_token_step
 from ..state import State, starting_state
 
 VERSIONS = ("v4", "x050", "x051", "x052", "x060")
@@ -110,7 +111,7 @@ class LegacyRWKV(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, self.TimeMix(cfg, i), self.ChannelMix(cfg))
                                     for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -150,6 +151,10 @@ class LegacyRWKV(nn.Module):
                              f"{tuple(state.wkv.shape)}, expected [{self.config.n_layer}, B, "
                              f"{', '.join(map(str, self.wkv_shape()))}]")
 
+        with one_token_step(tokens, self.head.weight):
+            return self._forward(tokens, state, last, inplace)
+
+    def _forward(self, tokens: Tensor, state: State, last: bool, inplace: bool) -> tuple[Tensor, State]:
         new_state = state if inplace else State(*(torch.empty_like(t) for t in state.tensors().values()))
         x = self.blocks[0].ln0(self.emb(tokens))
         for i, block in enumerate(self.blocks):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops import Linear
+
 from .base import LegacyConfig, LegacyRWKV, mix, previous, vector
 
 NO_PAST = -1e30  # pp before any token: e^{pp} = 0, so the empty sums contribute nothing
@@ -38,10 +40,10 @@ class TimeMix(nn.Module):
         C, A = cfg.n_embd, cfg.dim_att
         self.time_decay, self.time_first = nn.Parameter(torch.empty(A)), nn.Parameter(torch.empty(A))
         self.time_mix_k, self.time_mix_v, self.time_mix_r = vector(C), vector(C), vector(C)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
+        self.key = Linear(C, A, bias=False)
+        self.value = Linear(C, A, bias=False)
+        self.receptance = Linear(C, A, bias=False)
+        self.output = Linear(A, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         prev = previous(x, shift)
@@ -59,9 +61,9 @@ class ChannelMix(nn.Module):
         super().__init__()
         C = cfg.n_embd
         self.time_mix_k, self.time_mix_r = vector(C), vector(C)
-        self.key = nn.Linear(C, cfg.ffn_dim, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(cfg.ffn_dim, C, bias=False)
+        self.key = Linear(C, cfg.ffn_dim, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(cfg.ffn_dim, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
         prev = previous(x, shift)

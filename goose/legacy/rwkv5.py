@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import Linear
+
 from .base import LegacyConfig, LegacyRWKV, mix, previous, vector
 from .rwkv4 import ChannelMix
 
@@ -38,13 +40,13 @@ class TimeMix(nn.Module):
         self.bonus_name = "time_faaaa" if cfg.time_faaaa else "time_first"
         self.register_parameter(self.bonus_name, nn.Parameter(torch.empty(per)))
         self.time_mix_k, self.time_mix_v, self.time_mix_r = vector(C), vector(C), vector(C)
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
+        self.receptance = Linear(C, A, bias=False)
+        self.key = Linear(C, A, bias=False)
+        self.value = Linear(C, A, bias=False)
         if self.gated:
             self.time_mix_g = vector(C)
-            self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
+            self.gate = Linear(C, A, bias=False)
+        self.output = Linear(A, C, bias=False)
         self.ln_x = nn.GroupNorm(H, A, eps=64e-5)
 
     def forward(self, x: Tensor, shift: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import Linear
+
 from .base import LegacyConfig, LegacyRWKV, previous, vector
 from .rwkv5 import wkv5
 
@@ -30,11 +32,11 @@ class TimeMix(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.empty(C, cfg.rank_decay))
         self.time_decay_w2 = nn.Parameter(torch.empty(cfg.rank_decay, A))
         self.time_faaaa = nn.Parameter(torch.empty(H, cfg.head_size))
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
+        self.receptance = Linear(C, A, bias=False)
+        self.key = Linear(C, A, bias=False)
+        self.value = Linear(C, A, bias=False)
+        self.gate = Linear(C, A, bias=False)
+        self.output = Linear(A, C, bias=False)
         self.ln_x = nn.GroupNorm(H, A, eps=64e-5)
 
     def forward(self, x: Tensor, shift: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -57,9 +59,9 @@ class ChannelMix(nn.Module):
         super().__init__()
         C = cfg.n_embd
         self.time_maa_k, self.time_maa_r = vector(C), vector(C)
-        self.key = nn.Linear(C, cfg.ffn_dim, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(cfg.ffn_dim, C, bias=False)
+        self.key = Linear(C, cfg.ffn_dim, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(cfg.ffn_dim, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
         dx = previous(x, shift) - x

@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _ENABLED = os.environ.get("GOOSE_PLAIN_MATMUL", "") in ("", "0")
 _HAS_ONEDNN = _ENABLED and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -58,6 +58,20 @@ def blas_matvec(enabled: bool = True) -> Iterator[None]:
     finally:
         _local.active = False
         torch.set_num_threads(threads)
+
+
+def one_token_step(tokens: Tensor, head_weight: Tensor):
+    """``blas_matvec()`` for a model step over ``tokens`` if it is one token with fp32 weights on CPU (what
+    the models wrap their forward in; quantized heads keep torch's threads for their own kernels)."""
+    return blas_matvec(tokens.numel() == 1 and head_weight.device.type == "cpu"
+                       and head_weight.dtype == torch.float32)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) whose product runs on ``matmul``'s fast CPU kernels."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return matmul(x, self.weight.t()) if self.bias is None else super().forward(x)
 
 
 def _fp32_cpu(x: Tensor, w: Tensor) -> bool:

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops import Linear, matmul
+
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
@@ -34,11 +36,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        return self.base(x) + matmul(matmul(x, self.lora_A.t()), self.lora_B.t()) * self.scale
 
     def merged(self) -> nn.Linear:
         """A plain Linear with the adapter folded into its weight."""
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False,
+        linear = Linear(self.base.in_features, self.base.out_features, bias=False,
                            device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
