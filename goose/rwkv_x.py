@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .checkpoint import LAYER0_UNUSED, CheckpointError, config_from_tensors, detect_version, layout_problems, read_tensors
 from .model import ChannelMix, ModelConfig, RWKV7
+from .ops import Linear
 from .ops.sparse_attention import dense_causal_attention, sparse_attention
 from .random_weights import random_state_dict as random_rwkv7_state_dict
 from .state import State, starting_state
@@ -156,10 +157,10 @@ class SparseAttention(nn.Module):
     def __init__(self, n_embd: int, head_size: int):
         super().__init__()
         self.n_head, self.head_size = n_embd // head_size, head_size
-        self.receptance = nn.Linear(n_embd, n_embd, bias=False)
-        self.key = nn.Linear(n_embd, n_embd, bias=False)
-        self.value = nn.Linear(n_embd, n_embd, bias=False)
-        self.output = nn.Linear(n_embd, n_embd, bias=False)
+        self.receptance = Linear(n_embd, n_embd, bias=False)
+        self.key = Linear(n_embd, n_embd, bias=False)
+        self.value = Linear(n_embd, n_embd, bias=False)
+        self.output = Linear(n_embd, n_embd, bias=False)
 
     def forward(self, x: Tensor, keys: Tensor, values: Tensor, sparse: SparseConfig,
                 policy: CachePolicy | None) -> tuple[Tensor, Tensor, Tensor]:

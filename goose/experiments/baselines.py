@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import Linear
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -42,8 +44,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.rope_base = cfg.n_embd // cfg.head_size, cfg.rope_base
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -57,8 +59,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.attn = Attention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False))
+        self.mlp = nn.Sequential(Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False), nn.GELU(),
+                                 Linear(4 * cfg.n_embd, cfg.n_embd, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -74,7 +76,7 @@ class GPT(nn.Module):
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():
             if p.dim() == 2:   # GPT-2 style: N(0, 0.02), residual projections scaled down with depth
                 std = 0.02 / (2 * cfg.n_layer) ** 0.5 if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
