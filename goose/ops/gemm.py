@@ -21,7 +21,9 @@ Set ``GOOSE_PLAIN_MATMUL=1`` to turn both off and use torch's default everywhere
 Threads: numpy's BLAS has its own thread pool. When torch's OpenMP threads busy-wait after a parallel op while
 OpenBLAS works, the two pools fight for the cores (measured: decoding 5x slower), so OpenBLAS serves single
 rows only inside ``blas_matvec()``, which runs torch single-threaded meanwhile (its ops on one token's
-vectors gain nothing from threads). ``RWKV7`` enters it for one-token steps with fp32 weights on CPU.
+vectors gain nothing from threads). The models enter it for one-token steps with fp32 weights on CPU
+(``one_token_step``). When other processes keep the cores busy, every spinning thread pool slows down badly
+(torch's default included); ``OMP_NUM_THREADS=1`` then helps, and OpenBLAS obeys it too.
 """
 from __future__ import annotations
 
@@ -36,7 +38,6 @@ from torch import Tensor, nn
 
 _ENABLED = os.environ.get("GOOSE_PLAIN_MATMUL", "") in ("", "0")
 _HAS_ONEDNN = _ENABLED and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
 
 ONEDNN_MIN_MACS = 1 << 20         # rows x weight elements: below, MKL's fixed cost is lower
 BLAS_MIN_WEIGHT = 1 << 17         # weight elements for OpenBLAS's matrix-vector product
