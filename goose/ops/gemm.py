@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -61,7 +61,7 @@ def blas_matvec(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def one_token_step(tokens: Tensor, head_weight: Tensor):
+def one_token_step(tokens: Tensor, head_weight: Tensor) -> AbstractContextManager[None]:
     """``blas_matvec()`` for a model step over ``tokens`` if it is one token with fp32 weights on CPU (what
     the models wrap their forward in; quantized heads keep torch's threads for their own kernels)."""
     return blas_matvec(tokens.numel() == 1 and head_weight.device.type == "cpu"
@@ -107,7 +107,7 @@ def matmul(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w`` for ``x [..., in]`` and a 2-D ``w [in, out]`` (for a ``nn.Linear`` weight, pass ``weight.t()``)."""
     if not _fp32_cpu(x, w):
         return x @ w
-    rows = x.numel() // x.shape[-1]
+    rows = x.numel() // max(1, x.shape[-1])
     out_shape = (*x.shape[:-1], w.shape[1])
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     if rows == 1 and not needs_grad and getattr(_local, "active", False) and w.numel() >= BLAS_MIN_WEIGHT:
