@@ -180,3 +180,29 @@ def test_parity_end_to_end(tmp_path, one_thread):
     assert len(rows) == 4 and all(len(r["per_position"]) == 40 for r in rows)
     assert all(not math.isnan(r["test_acc_beyond"]) for r in rows)
     assert (tmp_path / "length_generalisation.png").stat().st_size > 0
+
+
+def test_mamba_baseline_learns_a_word_problem(one_thread):
+    """The optional Hugging Face Mamba baseline runs through the shared training loop and its loss on Z60 words
+    of length 2 falls."""
+    pytest.importorskip("transformers")
+    from goose.experiments.runner import TrainConfig, build_model, train
+
+    group, alphabet = tasks.word_problem("Z60")
+    model = build_model("mamba", 1, 32, group.order, 16, seed=0)
+    logits = model(torch.zeros(3, 5, dtype=torch.long))
+    assert logits.shape == (3, 5, group.order)
+
+    def first_loss() -> float:
+        g = torch.Generator().manual_seed(123)
+        x, y = tasks.word_problem_batch(group, 64, 2, g, alphabet)
+        with torch.no_grad():
+            out = model(x)
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                                                 ignore_index=IGNORE).item()
+
+    before = first_loss()
+    train(model, lambda g: tasks.word_problem_batch(group, 32, 2, g, alphabet), lambda m: {"score": 0.0},
+          TrainConfig(steps=100, lr=1e-2, warmup_steps=5, eval_every=100, target=2.0), seed=0, desc="mamba", progress=False)
+    after = first_loss()
+    assert after < before - 0.5

@@ -87,3 +87,23 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_out(x))
+
+
+class HFMamba(nn.Module):
+    """Hugging Face's ``MambaForCausalLM`` as ``logits = model(tokens [B, T])``, the optional diagonal-SSM
+    baseline. Without the ``mamba_ssm`` kernels (CPU) transformers runs its pure-torch selective scan.
+    Mamba-1's defaults: state size 16, expansion 2, convolution width 4. Needs ``transformers``."""
+
+    def __init__(self, n_layer: int, n_embd: int, vocab_size: int):
+        super().__init__()
+        from transformers import MambaConfig, MambaForCausalLM
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()   # it warns at every call that the fused CUDA kernels are missing
+        self.model = MambaForCausalLM(MambaConfig(vocab_size=vocab_size, hidden_size=n_embd,
+                                                  num_hidden_layers=n_layer, state_size=16, expand=2,
+                                                  conv_kernel=4, use_cache=False))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(input_ids=tokens).logits
+

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..model import RWKV7
 from ..train.init import model_config, new_model
 from ..train.optim import lr_at, make_optimizer
-from .baselines import GPT, GPTConfig
+from .baselines import GPT, GPTConfig, HFMamba
 from .tasks import IGNORE
 
 WIDE_LOG_DECAY_FLOOR = -4.6   # decays down to e^-4.6 = 0.01, so w - a (a transition eigenvalue) reaches -0.99
@@ -35,6 +35,7 @@ ARCHS = {
     "rwkv7-a0": "RWKV-7, a = 0 (diagonal decay, RWKV-6-like)",
     "rwkv7-wide": "RWKV-7, decay floor e^-4.6 (eigenvalues to -1)",
     "gpt": "Transformer (GPT + RoPE)",
+    "mamba": "Mamba (Hugging Face, pure-torch path)",
 }
 
 Sampler = Callable[[torch.Generator], tuple[Tensor, Tensor]]
@@ -47,6 +48,10 @@ def build_model(arch: str, n_layer: int, n_embd: int, vocab_size: int, head_size
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return GPT(GPTConfig(n_layer, n_embd, vocab_size, head_size))
+    if arch == "mamba":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return HFMamba(n_layer, n_embd, vocab_size)
     cfg = model_config(n_layer, n_embd, vocab_size, head_size)
     if arch == "rwkv7-a0":
         cfg = dataclasses.replace(cfg, iclr=False)
