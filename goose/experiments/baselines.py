@@ -1,4 +1,5 @@
-"""A small causal Transformer (GPT with rotary positions) in plain torch, the attention baseline.
+"""The baselines: a small causal Transformer (GPT with rotary positions) in plain torch, the attention
+baseline, and Hugging Face's Mamba (``HFMamba``), the optional selective-state-space one.
 
 It is written here rather than taken from Hugging Face (``LlamaForCausalLM``) so that the experiments
 need no extra dependency, the baseline shares the RWKV runs' exact training loop, optimiser groups and
