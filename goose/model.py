@@ -209,7 +209,6 @@ class RWKV7(nn.Module):
             return self._forward(tokens, state, last, mode, inplace)
 
     def _forward(self, tokens: Tensor, state: State, last: bool, mode: str, inplace: bool) -> tuple[Tensor, State]:
-
         # each layer's new state is written straight into its slot (of the caller's state if inplace), so
         # decoding allocates no state-sized temporaries; a layer reads its old slot before it is written
         new_state = state if inplace else State(*(torch.empty_like(t) for t in state.tensors().values()))

@@ -49,14 +49,9 @@ _HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
     hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
-def _cpu_kernel_ok(x: Tensor) -> bool:
-    """Whether a CPU-only kernel without an autograd formula (packed int8/int4, oneDNN) may serve this call."""
-    return x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
-
-
 def _packed_path(x: Tensor, rows: int, max_rows: int) -> bool:
-    """Whether torch's packed CPU kernels serve this call."""
-    return rows <= max_rows and _cpu_kernel_ok(x)
+    """Whether torch's packed CPU kernels serve this call (they have no autograd formula)."""
+    return x.device.type == "cpu" and rows <= max_rows and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _blocked_linear(x: Tensor, out_features: int, dequant_rows, row_bytes: int) -> Tensor:
@@ -95,9 +90,7 @@ class DenseLinear(nn.Module):
             # fast): widen the weight block by block and multiply in fp32 instead
             out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
             return out.to(x.dtype)
-        if w.dtype == x.dtype == torch.float32:
-            return matmul(x, w.t())
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
+        return matmul(x.to(w.dtype), w.t()).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 _ENABLED = os.environ.get("GOOSE_PLAIN_MATMUL", "") in ("", "0")
-_HAS_ONEDNN = _ENABLED and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 ONEDNN_MIN_MACS = 1 << 20         # rows x weight elements: below, MKL's fixed cost is lower
 BLAS_MIN_WEIGHT = 1 << 17         # weight elements for OpenBLAS's matrix-vector product

@@ -41,7 +41,7 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain Linear with the adapter folded into its weight."""
         linear = Linear(self.base.in_features, self.base.out_features, bias=False,
-                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+                        device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
             linear.weight.copy_((self.base.weight.float() + delta).to(linear.weight.dtype))
