@@ -2,12 +2,14 @@
 
 Random checkpoints in the official layout, several shapes and storage dtypes. Tolerance for fp32:
 max |Δlogit| <= 1e-4 * std(reference logits), at every position of a 300-token prompt and for 20
-tokens decoded on from the returned state, for every WKV mode.
+tokens decoded on from the returned state, for every WKV mode and on each of goose.ops.matmul's fp32 kernel
+paths (the fast CPU libraries for every product, and plain torch, the fallback).
 """
 import pytest
 import torch
 
 from goose.checkpoint import load
+from goose.ops import gemm
 from goose.state import State
 
 TOL = 1e-4
@@ -43,8 +45,20 @@ def max_err(x, ref):
     return ((x.float() - ref.float()).abs().max() / ref.float().std()).item()
 
 
+@pytest.fixture(params=["fast_kernels", "plain_torch"])
+def matmul_path(request, monkeypatch):
+    """Route every fp32 product through OpenBLAS (one row) / oneDNN (several rows), whatever its size (these
+    models are below the size thresholds), or through torch's default kernels."""
+    if request.param == "plain_torch":
+        monkeypatch.setattr(gemm, "_ENABLED", False)
+    else:
+        monkeypatch.setattr(gemm, "BLAS_MIN_WEIGHT", 0)
+        monkeypatch.setattr(gemm, "ONEDNN_MIN_MACS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["chunked", "scan"])
-def test_prompt_and_decode_match_official(pair, mode):
+def test_prompt_and_decode_match_official(pair, mode, matmul_path):
     ref, model, _ = pair
     with torch.no_grad():
         logits, state = model(torch.tensor([ref["prompt"]]), mode=mode)
