@@ -177,6 +177,24 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{key:>12}: {value}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Convert a checkpoint's big matrices once and write the result; ``--model`` then loads it as it is."""
+    from . import demo, quant
+    from .checkpoint import load
+    from .model import RWKV7
+
+    source = Path(args.model) if args.model else demo.ASSETS / demo.WEIGHTS_FILE
+    model = load(source, dtype=DTYPES[args.dtype])
+    if not isinstance(model, RWKV7):
+        raise ValueError(f"{source}: quantized files hold RWKV-7 models; this is {model.config.version} (convert "
+                         f"it on load instead: --quant {args.format})")
+    quant.quantize(model, args.format, group_size=args.group_size)
+    quant.save_quantized(model, args.out)
+    size = Path(args.out).stat().st_size
+    print(f"{args.out}: {args.format} weights ({size / 2**20:.1f} MiB, {source.stat().st_size / size:.1f}x "
+          f"smaller than {source.name}); load it with --model {args.out}", file=sys.stderr)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "wkv":
         from .bench.wkv import run
@@ -246,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="convert a checkpoint's big matrices to int8/int4/bf16/fp16 and save it "
+                                        "(a .safetensors file that --model loads in that format)")
+    p.add_argument("out", help="output file (.safetensors)")
+    p.add_argument("--model", metavar="PATH",
+                   help="RWKV-7 checkpoint (.pth or .safetensors); default: the built-in demo model")
+    p.add_argument("--format", choices=("int8", "int4", "bf16", "fp16"), default="int8",
+                   help="int8: one scale per output channel; int4: a scale and zero per group (see goose/quant.py)")
+    p.add_argument("--group-size", type=int, default=64, help="int4: input channels per group")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="dtype of the tensors that stay unconverted (embedding, norms, LoRAs)")
+    p.set_defaults(func=cmd_quantize)
 
     add_data_parser(sub)
     add_train_parser(sub)

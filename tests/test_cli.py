@@ -78,3 +78,23 @@ def test_tokenizer_mismatch_is_a_clear_error(ckpt_factory):
     path = ckpt_factory("cli_small_vocab.pth", vocab_size=1000)
     out = goose("generate", "--model", path, "--tokenizer", "world", check=False)
     assert out.returncode == 2 and "mismatch" in out.stderr
+
+
+def test_quantize_writes_a_file_that_generate_loads_as_is(ckpt_factory, tmp_path):
+    import torch
+    from goose import quant
+    from goose.checkpoint import load
+
+    path = ckpt_factory("cli_quant.pth", n_layer=2, n_embd=128, vocab_size=65536, seed=4)
+    out_file = tmp_path / "int8.safetensors"
+    assert "int8 weights" in goose("quantize", out_file, "--model", path, "--format", "int8").stderr
+    saved = quant.load_quantized(out_file)
+    expected = quant.quantize(load(path), "int8")
+    assert quant.weight_format(saved) == "int8"
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(saved(tokens)[0], expected(tokens)[0])
+    gen = goose("generate", "--model", out_file, "--prompt", "Hi", "--max-tokens", "3", "--seed", "0")
+    assert "3 generated tokens" in gen.stderr
+    bad = goose("quantize", tmp_path / "x.pth", "--model", path, check=False)
+    assert bad.returncode == 2 and "safetensors" in bad.stderr and "Traceback" not in bad.stderr
