@@ -30,7 +30,8 @@ class CheckpointError(ValueError):
 
 
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
-    """Read a ``.pth``/``.safetensors`` file into a dict of CPU tensors (memory-mapped where possible)."""
+    """Read a ``.pth``/``.safetensors`` file into a dict of CPU tensors, memory-mapped where possible (so they
+    are views of the file: copy them before keeping them, as the loaders do)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -136,7 +137,9 @@ def load(path: str | Path, device: torch.device | str = "cpu",
     """Load an official RWKV checkpoint (``.pth`` or ``.safetensors``): RWKV-7 into an :class:`RWKV7`,
     RWKV-4/5/6 into the matching ``goose.legacy`` model (same calling convention).
 
-    Hyper-parameters are inferred from the tensors; weights are cast to ``dtype`` on ``device``.
+    Hyper-parameters are inferred from the tensors; weights are cast to ``dtype`` on ``device``, always into
+    memory of the model's own: the file is read memory-mapped, and weights left in the mapping (when the dtype
+    already matches) would change if the file were rewritten in place, and keep its pages resident.
     Files with or without the unused ``blocks.0.att.v0/v1/v2`` are accepted.
     """
     sd = dict(read_tensors(path))
@@ -153,7 +156,8 @@ def load(path: str | Path, device: torch.device | str = "cpu",
     _check_against_model(sd, cfg, str(path))
     with torch.device("meta"):
         model = RWKV7(cfg)
-    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in sd.items()}, strict=True, assign=True)
+    model.load_state_dict({k: t.to(device=device, dtype=dtype, copy=True) for k, t in sd.items()}, strict=True,
+                          assign=True)
     return model.eval()
 
 
@@ -176,7 +180,7 @@ def _load_legacy(sd: dict[str, Tensor], version: str, source: str, device: torch
     if problems:
         raise CheckpointError(f"{source} does not match the {name} layout it implies ({cfg}): " + ", ".join(problems))
     fp32 = (".time_decay", ".time_first", ".time_faaaa")
-    model.load_state_dict({k: t.to(device=device, dtype=torch.float32 if k.endswith(fp32) else dtype)
+    model.load_state_dict({k: t.to(device=device, dtype=torch.float32 if k.endswith(fp32) else dtype, copy=True)
                            for k, t in sd.items()}, strict=True, assign=True)
     return model.eval()
 

@@ -339,8 +339,8 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
             setattr(parent, attr, new)
     converted = {n + "." for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
     sd = load_file(str(path), device=str(device))
-    for k, t in sd.items():
-        if dtype is not None and not k.startswith(tuple(converted)):
-            sd[k] = t.to(dtype)
+    for k, t in sd.items():   # copies: load_file maps the file, and the model must not change if the file does
+        cast = dtype is not None and not k.startswith(tuple(converted))
+        sd[k] = t.to(dtype=dtype if cast else t.dtype, copy=True)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

@@ -321,7 +321,8 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     if problems:
         raise CheckpointError(f"{path} does not match the RWKV-X layout it implies ({cfg.rwkv.n_layer} RWKV "
                               f"blocks, {cfg.n_attn_layer} attention blocks): " + ", ".join(problems))
-    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in sd.items()}, strict=True, assign=True)
+    model.load_state_dict({k: t.to(device=device, dtype=dtype, copy=True) for k, t in sd.items()}, strict=True,
+                          assign=True)   # copies: read_tensors maps the file
     return model.eval()
 
 

@@ -112,7 +112,8 @@ class State:
         missing = {"att_shift", "wkv", "ffn_shift"} - tensors.keys()
         if missing:
             raise ValueError(f"{path} is not a goose state file (missing {sorted(missing)})")
-        return cls(tensors["att_shift"], tensors["wkv"], tensors["ffn_shift"])
+        # load_file maps the file: copies, so that a later write to the file cannot reach this state
+        return cls(tensors["att_shift"].clone(), tensors["wkv"].clone(), tensors["ffn_shift"].clone())
 
     def to_official(self, row: int = 0) -> list[Tensor]:
         """The ``rwkv`` pip package's state list for one batch row: ``[x_att, wkv, x_ffn] * L``

@@ -48,3 +48,18 @@ def official_rwkv():
     if not hasattr(model_mod, "RWKV_x070"):
         pytest.fail("rwkv.model was imported before RWKV_V7_ON=1 was set; RWKV-7 is unavailable")
     return model_mod.RWKV
+
+
+@pytest.fixture
+def overwrite_in_place():
+    """``overwrite(path)``: rewrite the body of a file in place (same inode), as an interrupted copy would;
+    whatever was loaded from it must not change (loaders read files memory-mapped)."""
+
+    def overwrite(path) -> None:
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.seek(size // 4)
+            f.write(b"\x7f" * (size - size // 4))
+
+    return overwrite
+

@@ -61,6 +61,20 @@ def test_save_round_trip(tmp_path, ckpt_factory):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_loaded_weights_do_not_follow_later_writes_to_the_file(tmp_path, suffix, overwrite_in_place):
+    """The model must own its weights, or rewriting the file in place would silently change a loaded model."""
+    from safetensors.torch import save_file
+
+    sd = random_state_dict(2, 128, 100, seed=6)
+    path = tmp_path / f"m{suffix}"
+    torch.save(sd, path) if suffix == ".pth" else save_file(sd, str(path))
+    model = load(path)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    overwrite_in_place(path)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load(tmp_path / "nope.pth")

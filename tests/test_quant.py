@@ -112,7 +112,7 @@ def test_only_big_matrices_are_converted(model):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
-def test_save_and_load_round_trip(model, tokens, fmt, tmp_path):
+def test_save_and_load_round_trip(model, tokens, fmt, tmp_path, overwrite_in_place):
     q = converted(model, fmt)
     path = tmp_path / f"m-{fmt}.safetensors"
     quant.save_quantized(q, path)
@@ -128,6 +128,9 @@ def test_save_and_load_round_trip(model, tokens, fmt, tmp_path):
     with pytest.raises(ValueError, match="not a goose quantized"):
         quant.load_quantized(tmp_path / "nothing.safetensors")
     assert size < sum(t.numel() * 4 for t in model.state_dict().values())
+    before = {k: t.clone() for k, t in back.state_dict().items()}
+    overwrite_in_place(path)                         # the loaded model owns its weights
+    assert all(torch.equal(t, before[k]) for k, t in back.state_dict().items())
 
 
 def test_weight_bytes_per_token(model):
