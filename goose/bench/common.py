@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from goose.ops import blas_matvec, matmul
 from goose.random_weights import write_random_checkpoint
@@ -69,12 +70,17 @@ def converted(model: torch.nn.Module, fmt: str, group_size: int = 64) -> torch.n
     return quantize(copy.deepcopy(model, memo=shared), fmt, group_size=group_size)
 
 
-def race(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Run each contender once per repeat, interleaved; each returns a rate. Returns the median rates."""
+def race(contenders: dict[str, Callable[[], float]], repeats: int, desc: str = "") -> dict[str, float]:
+    """Run each contender once per repeat, interleaved; each returns a rate. Returns the median rates.
+
+    A progress bar on stderr (on a terminal only) names the contender running."""
     rates: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            rates[name].append(fn())
+    with tqdm(total=repeats * len(contenders), desc=desc, leave=False, disable=None) as bar:
+        for _ in range(repeats):
+            for name, fn in contenders.items():
+                bar.set_postfix_str(name)
+                rates[name].append(fn())
+                bar.update()
     return {name: statistics.median(r) for name, r in rates.items()}
 
 

@@ -104,7 +104,7 @@ def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 
     contenders = {name: _official_decode(r, decode_tokens) for name, r in refs.items()}
     contenders.update({name: _goose_decode(m, 1, decode_tokens) for name, m in goose.items()})
     contenders["bandwidth"] = lambda: matvec_bandwidth(repeats=3)
-    rates = race(contenders, repeats)
+    rates = race(contenders, repeats, f"{size} decode")
     bw = res["bandwidth_gbs"] = rates.pop("bandwidth")
     base_rate = rates.get("official cpu fp32")
     rows = []
@@ -127,7 +127,7 @@ def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 
         prompt = torch.randint(0, base.config.vocab_size, (T,), generator=g).tolist()
         contenders = {name: _official_prefill(r, prompt) for name, r in refs.items()}
         contenders.update({name: _goose_prefill(m, prompt, prefill_chunk) for name, m in goose.items()})
-        res["prefill"][T] = race(contenders, prefill_repeats)
+        res["prefill"][T] = race(contenders, prefill_repeats, f"{size} prefill T={T}")
     rows = []
     for name in res["prefill"][prefill[0]] if prefill else []:
         row = [name]
@@ -144,7 +144,7 @@ def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 
         if fmt not in models:
             continue
         contenders = {B: _goose_decode(models[fmt], B, max(4, decode_tokens // 2)) for B in batches}
-        res["batch"][fmt] = {B: r for B, r in race(contenders, repeats).items()}
+        res["batch"][fmt] = {B: r for B, r in race(contenders, repeats, f"{size} {fmt} batches").items()}
     rows = [[f"goose {fmt}"] + [r[B] for B in batches] + [f"{r[B] / r[batches[0]]:.1f}x" for B in batches[1:]]
             for fmt, r in res["batch"].items()]
     if rows:

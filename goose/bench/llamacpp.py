@@ -120,7 +120,7 @@ def run(llama_bench: str | Path = DEFAULT_LLAMA_BENCH, size: str = "L12-D768",
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {threads} threads for both; "
           f"load average at start {info['load_average']}")
     print(f"llama-bench: {bench}")
-    rates = race(contenders, repeats)
+    rates = race(contenders, repeats, f"{size} goose vs llama.cpp")
     load_end = os.getloadavg()
     res = {"size": size, "threads": threads, "repeats": repeats, "n_prompt": n_prompt, "n_gen": n_gen,
            "machine": info, "load_average_end": load_end, "llama_bench": str(bench), "rates": rates}
