@@ -3,24 +3,28 @@
     goose experiment passkey --preset quick           # <= 15 min on 2 CPU cores
     python -m goose.experiments.passkey --preset full
 
-Both models are trained from scratch, with the same loop, data and steps, on RWKV-X's passkey prompt
-(its exact text, in byte tokens) at short lengths, then scored with RWKV-X's protocol
-(``evaluation/pass_key_rwkvx.py``) at longer ones: the needle at depths 0 .. 90%, greedy decoding of
-the answer, exact match. The hybrid is also scored with the KV-cache policy on (scaled down), which
-compresses the cache at the first decoding step as the ``rwkv-x`` package does; with dense attention,
-which tells failures of the chunk selection from failures of the model; and with its attention
-switched off, which tells whether it answers through attention at all. Last, decoding time
-and state memory against context: the hybrid with and without the policy, with dense attention, and
-RWKV-7.
+RWKV-7 is trained from scratch on RWKV-X's passkey prompt (its exact text, in byte tokens) at short
+lengths. The hybrid is grown the way RWKV-X grows its models (PAPERS.md §5.4, ``Preset.grow``): an
+RWKV-7 with one block fewer is pretrained as a language model on the same prompts, never asked for the
+key (so its state has no reason to keep it); RWKV-X's block expansion (``goose.rwkv_x.expand``) adds
+the attention block; stage 1 trains that block alone on passkey retrieval, the RWKV block frozen
+(``--only_train_moba``); stage 2 trains everything. With ``grow=None`` the hybrid is instead trained
+from scratch like RWKV-7, where its RWKV block learns to keep the key and the attention goes unused.
+Both are then scored with RWKV-X's protocol (``evaluation/pass_key_rwkvx.py``) at longer lengths: the
+needle at depths 0 .. 90%, greedy decoding of the answer, exact match. The hybrid is also scored with
+the KV-cache policy on (scaled down), which compresses the cache at the first decoding step as the
+``rwkv-x`` package does; with dense attention, which tells failures of the chunk selection from
+failures of the model; and with its attention switched off, which tells whether it answers through
+attention at all. Last, decoding time and state memory against context: the hybrid with and without
+the policy, with dense attention, and RWKV-7.
 
 Scaled-down choices, each a departure from the paper: byte tokens instead of the World vocabulary
 (the answer is `` <key>``, decoded to its length); chunk 32 and top-k 4 instead of 2048 and 3; models
-of 2 blocks of width 64 (quick) or 4 of width 128 (full), trained from scratch for minutes to hours
-on lengths up to 1K or 2K, instead of 0.2-3.6B models grown from pretrained RWKV-7 and trained on
-64K; the loss is taken on the needle's repeat and on the answer only; the cache policy is rwkv-x's
-20000 / 2000 / 16000 divided by about ten (quick) or five (full). The hybrid is RWKV-X's block
-expansion of a freshly initialised RWKV-7 (``goose.rwkv_x.expand``) with as many blocks in all as
-the RWKV-7, one of them attention.
+of 2 blocks of width 64 (quick) or 4 of width 128 (full), one of the hybrid's blocks attention,
+trained for minutes to hours on lengths up to 1K or 2K, instead of 0.2-3.6B models trained on 64K;
+pretraining on the passkey prompts themselves instead of a corpus, and stages 1 and 2 on the passkey
+loss (the needle's repeat and the answer) instead of MiniPile and ProLong; the cache policy is
+rwkv-x's 20000 / 2000 / 16000 divided by about ten (quick) or five (full).
 
 The two models train in parallel worker processes (``workers``), each scoring its own passkey grid;
 the decoding profile then runs in the main process on one thread. Writes OUT/results.json,
@@ -52,7 +56,7 @@ from ..model import RWKV7
 from ..rwkv_x import RWKVX, CachePolicy, SparseConfig, expand
 from ..tokenizer import ByteTokenizer
 from ..train.init import model_config, new_model
-from .runner import IGNORE, TrainConfig, logits_of, run_jobs, train, write_results
+from .runner import IGNORE, TrainConfig, TrainResult, logits_of, run_jobs, tagging_accuracy, train, write_results
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -65,6 +69,20 @@ DENSE_TOPK = 1 << 30        # a top-k that covers every chunk: dense attention
 
 
 @dataclass(frozen=True)
+class Growth:
+    """RWKV-X's recipe for the hybrid (PAPERS.md §5.4), scaled down: grow it from a pretrained RWKV-7.
+
+    Each stage runs ``Preset.train``'s schedule for the given multiple of its steps (so that shrinking
+    ``train`` shrinks every stage); stage 1 has its own peak learning rate.
+    """
+
+    pretrain: float     # the RWKV blocks alone, a language model on the shortest training length (no key recall)
+    stage1: float       # ``--only_train_moba``: the attention blocks alone on passkey retrieval, the RWKV blocks frozen
+    stage2: float       # every parameter on passkey retrieval
+    stage1_lr: float    # stage 1's peak learning rate (the other stages use ``Preset.train``'s)
+
+
+@dataclass(frozen=True)
 class Preset:
     n_layer: int                      # blocks in each model; the hybrid turns n_attn of them into attention
     n_attn: int
@@ -73,7 +91,7 @@ class Preset:
     chunk_size: int
     topk: int
     train_lengths: tuple[int, ...]    # prompt lengths of the training batches (one drawn per batch)
-    train: TrainConfig
+    train: TrainConfig                # RWKV-7's passkey training; a grown hybrid's stages run multiples of its steps
     batch_size: int
     eval_lengths: tuple[int, ...]
     depths: int                       # needle depths 0, 1/depths, ... (RWKV-X: 10)
@@ -82,21 +100,24 @@ class Preset:
     decode_contexts: tuple[int, ...]
     decode_steps: int
     workers: int = 2                  # processes of one thread: the two models train side by side
+    grow: Growth | None = None        # the hybrid's recipe; None: from scratch, with RWKV-7's training
 
 
 PRESETS = {
     "quick": Preset(n_layer=2, n_attn=1, n_embd=64, head_size=32, chunk_size=32, topk=4,
                     train_lengths=(256, 512, 1024), batch_size=8,
                     train=TrainConfig(steps=1200, lr=3e-3, lr_final=3e-4, warmup_steps=30, eval_every=200),
-                    eval_lengths=(1024, 2048, 4096, 8192), depths=10, tests=2,
+                    eval_lengths=(1024, 2048, 4096, 8192), depths=10, tests=5,
                     policy=CachePolicy(max_size=2048, window=256, min_size=1536),
-                    decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768), decode_steps=16),
+                    decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768), decode_steps=16,
+                    grow=Growth(pretrain=1, stage1=2, stage2=1, stage1_lr=1e-2)),
     "full": Preset(n_layer=4, n_attn=1, n_embd=128, head_size=64, chunk_size=32, topk=4,
                    train_lengths=(256, 512, 1024, 2048), batch_size=8,
                    train=TrainConfig(steps=5000, lr=3e-3, lr_final=3e-4, warmup_steps=100, eval_every=500),
                    eval_lengths=(1024, 2048, 4096, 8192, 16384), depths=10, tests=5,
                    policy=CachePolicy(max_size=4096, window=512, min_size=3072),
-                   decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072), decode_steps=32),
+                   decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072), decode_steps=32,
+                   grow=Growth(pretrain=1, stage1=2, stage2=1, stage1_lr=1e-2)),
 }
 
 
@@ -120,11 +141,16 @@ def eval_key(test: int) -> int:
     return int(np.random.RandomState(test).randint(1, 50000))
 
 
-def training_batch(lengths: tuple[int, ...], batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(inputs, labels) ``[B, L + ANSWER_WIDTH - 1]``: prompt + " key", labelled on the needle's repeat and the answer.
+def training_batch(lengths: tuple[int, ...], batch_size: int, gen: torch.Generator,
+                   recall: bool = True) -> tuple[Tensor, Tensor]:
+    """(inputs, labels) ``[B, L + ANSWER_WIDTH - 1]``: prompt + " key", labelled for passkey retrieval or, with
+    ``recall=False``, as a language model that is never asked to recall the key.
 
-    The key's first appearance is random, so it is not scored; from ``. Remember it. key is the pass key.``
-    on, the needle can be copied from a few tokens back, a short-range version of the task.
+    Retrieval labels the needle's repeat and the answer. The key's first appearance is random, so it is
+    not scored; from ``. Remember it. key is the pass key.`` on, the needle can be copied from a few
+    tokens back, a short-range version of the task. The language model labels every token of the prompt
+    (the repeat's key too, a copy over about 15 tokens) and nothing after it: the answer, the only
+    tokens that need the key carried across the filler, is never asked for.
     """
     length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
     rows, masks = [], []
@@ -136,9 +162,13 @@ def training_batch(lengths: tuple[int, ...], batch_size: int, gen: torch.Generat
         tokens = prompt + answer + TOKENIZER.encode("\n" * (ANSWER_WIDTH - len(answer)))
         text = TOKENIZER.decode(prompt)
         start = text.index(f"The pass key is {key}.") + len(f"The pass key is {key}")
-        scored = torch.zeros(len(tokens), dtype=torch.bool)
-        scored[start:start + len(f". Remember it. {key} is the pass key.")] = True
-        scored[len(prompt):len(prompt) + len(answer)] = True
+        if recall:
+            scored = torch.zeros(len(tokens), dtype=torch.bool)
+            scored[start:start + len(f". Remember it. {key} is the pass key.")] = True
+            scored[len(prompt):len(prompt) + len(answer)] = True
+        else:
+            scored = torch.ones(len(tokens), dtype=torch.bool)
+            scored[len(prompt):] = False
         rows.append(torch.tensor(tokens))
         masks.append(scored)
     tokens, scored = torch.stack(rows), torch.stack(masks)
@@ -302,23 +332,78 @@ def attention_off(model: RWKVX) -> Iterator[None]:
                 block.att.output.weight.copy_(weight)
 
 
+def stage_config(p: Preset, times: float, **changes: Any) -> TrainConfig:
+    """``p.train`` for ``times`` its steps (at least one), with ``changes``."""
+    return dataclasses.replace(p.train, steps=max(1, round(times * p.train.steps)), **changes)
+
+
+def fit_passkey(model: nn.Module, p: Preset, cfg: TrainConfig, seed: int, desc: str, progress: bool) -> TrainResult:
+    """Train ``model``'s trainable parameters on passkey retrieval with ``cfg``, scored by ``answer_accuracy``
+    on 16 fixed prompts of the longest training length."""
+    val = training_batch((max(p.train_lengths),), 16, torch.Generator().manual_seed(seed + 12345))
+    return train(model if isinstance(model, RWKV7) else LogitsOnly(model),
+                 lambda gen: training_batch(p.train_lengths, p.batch_size, gen),
+                 lambda m: answer_accuracy(m, *val), cfg, seed=seed, desc=desc, progress=progress)
+
+
+def pretrain_trunk(p: Preset, cfg: TrainConfig, seed: int, progress: bool) -> tuple[RWKV7, TrainResult]:
+    """The hybrid's RWKV blocks as an RWKV-7 of their own, trained with ``cfg`` as a language model that is
+    never asked for the key (``training_batch(recall=False)``), on the shortest training length, where
+    the needle's short-range copy is the largest share of the loss; scored by token accuracy on 16
+    fixed prompts."""
+    trunk = new_model(model_config(p.n_layer - p.n_attn, p.n_embd, TOKENIZER.vocab_size, p.head_size), seed)
+    lengths = p.train_lengths[:1]
+    val = training_batch(lengths, 16, torch.Generator().manual_seed(seed + 12345), recall=False)
+    fit = train(trunk, lambda gen: training_batch(lengths, p.batch_size, gen, recall=False),
+                lambda m: {"score": tagging_accuracy(m, *val)[1]}, cfg, seed=seed + 1, desc="RWKV-X pretraining",
+                progress=progress)
+    return trunk, fit
+
+
+def train_attention(model: RWKVX, p: Preset, cfg: TrainConfig, seed: int, progress: bool) -> TrainResult:
+    """RWKV-X's stage 1 (``--only_train_moba``): passkey training of the attention blocks alone, with ``cfg``.
+
+    The RWKV blocks, embedding and head are frozen for it, so the optimiser (which takes the parameters
+    that require grad) holds only the attention blocks'; they are unfrozen afterwards.
+    """
+    model.rwkv.requires_grad_(False)
+    try:
+        return fit_passkey(model, p, cfg, seed, "RWKV-X stage 1 (attention only)", progress)
+    finally:
+        model.rwkv.requires_grad_(True)
+
+
+def grow_hybrid(p: Preset, grow: Growth, seed: int, progress: bool) -> tuple[RWKVX, dict[str, TrainResult]]:
+    """The hybrid as RWKV-X grows its models: a pretrained RWKV-7, expanded (``rwkv_x.expand``), stage 1 on
+    the attention blocks alone, stage 2 on everything; returns it and each stage's training."""
+    trunk, pretrained = pretrain_trunk(p, stage_config(p, grow.pretrain), seed, progress)
+    model = expand(trunk, p.n_attn, SparseConfig(p.chunk_size, p.topk))
+    stage1 = train_attention(model, p, stage_config(p, grow.stage1, lr=grow.stage1_lr), seed, progress)
+    stage2 = fit_passkey(model, p, stage_config(p, grow.stage2), seed + 2, "RWKV-X stage 2 (all)", progress)
+    return model, {"language-model pretraining": pretrained, "stage 1, attention only": stage1,
+                   "stage 2, all": stage2}
+
+
 def _train_and_score(name: str, p: Preset, seed: int, progress: bool) -> dict[str, Any]:
     """One worker's job: train ``name``, score its passkey grid(s); returns the results and the weights."""
-    model = build_model(name, p, seed)
-    val = training_batch((max(p.train_lengths),), 16, torch.Generator().manual_seed(seed + 12345))
     cpu = time.process_time()
-    fit = train(model if isinstance(model, RWKV7) else LogitsOnly(model),
-                lambda gen: training_batch(p.train_lengths, p.batch_size, gen),
-                lambda m: answer_accuracy(m, *val), p.train, seed=seed, desc=name, progress=progress)
+    if name == "RWKV-X" and p.grow is not None:
+        model, stages = grow_hybrid(p, p.grow, seed, progress)
+    else:
+        model = build_model(name, p, seed)
+        stages = {"passkey training": fit_passkey(model, p, p.train, seed, name, progress)}
     cpu_train = time.process_time() - cpu
+    fit = list(stages.values())[-1]
     start = time.perf_counter()
     grid = passkey_grid(model, p, _variants(model, p))
     if isinstance(model, RWKVX):   # does the hybrid answer through its attention at all?
         with attention_off(model):
             grid.update(passkey_grid(model, p, {"RWKV-X, attention off": (model.sparse, None)}))
-    return {"name": name, "parameters": sum(t.numel() for t in model.parameters()), "steps": fit.steps,
-            "train_seconds": fit.seconds, "train_cpu_seconds": cpu_train, "eval_seconds": time.perf_counter() - start,
-            "train_answer_accuracy": fit.score, "history": fit.history, "passkey": grid,
+    return {"name": name, "parameters": sum(t.numel() for t in model.parameters()),
+            "stages": [{"stage": stage, "steps": f.steps, "seconds": f.seconds, "score": f.score, "history": f.history}
+                       for stage, f in stages.items()],
+            "train_seconds": sum(f.seconds for f in stages.values()), "train_cpu_seconds": cpu_train,
+            "eval_seconds": time.perf_counter() - start, "train_answer_accuracy": fit.score, "passkey": grid,
             "weights": {k: t.detach().clone() for k, t in model.state_dict().items()}}
 
 
@@ -371,10 +456,16 @@ def report(results: dict[str, Any], p: Preset) -> str:
              f"Seed {results['seed']}; total {results['seconds'] / 60:.1f} min wall time. Training lengths "
              f"{', '.join(map(str, p.train_lengths))} (byte tokens), {p.train.steps} steps of {p.batch_size} prompts; "
              f"chunk {p.chunk_size}, top-k {p.topk}.", "",
+             *([] if p.grow is None else [
+                 "The hybrid is grown as RWKV-X's are: its RWKV block(s) pretrained as a language model that is "
+                 f"never asked for the key (length {p.train_lengths[0]}), expanded, then its attention block(s) "
+                 f"alone trained on passkey retrieval (stage 1, lr {p.grow.stage1_lr:g}), then everything (stage 2). "
+                 "RWKV-7 is trained on passkey retrieval from scratch.", ""]),
              "| model | parameters | training (wall / CPU) | answer accuracy at training length |",
              "|---|---:|---:|---:|"]
     for name, m in results["models"].items():
-        lines.append(f"| {name} | {m['parameters']:,} | {m['steps']} steps, {m['train_seconds'] / 60:.1f} / "
+        stages = " + ".join(f"{s['steps']} steps {s['stage']}" for s in m["stages"])
+        lines.append(f"| {name} | {m['parameters']:,} | {stages}, {m['train_seconds'] / 60:.1f} / "
                      f"{m['train_cpu_seconds'] / 60:.1f} min | {100 * m['train_answer_accuracy']:.0f}% |")
     lengths = p.eval_lengths
     lines += ["", f"Passkey accuracy (%), mean over {p.depths} depths x {p.tests} keys (RWKV-X's protocol):", "",
