@@ -57,3 +57,11 @@ def test_grown_hybrid_records_each_stage(one_thread):
     assert [(name, fit.steps) for name, fit in stages.items()] == [
         ("language-model pretraining", 2), ("stage 1, attention only", 3), ("stage 2, all", 1)]
     assert isinstance(model, passkey.RWKVX) and model.config.rwkv.n_layer == p.n_layer - p.n_attn
+
+
+def test_rwkv7_gets_as_many_passkey_steps_as_the_grown_hybrid():
+    quick = passkey.PRESETS["quick"]
+    grow = quick.grow
+    assert passkey.matched_training(quick).steps == round((grow.stage1 + grow.stage2) * quick.train.steps)
+    assert passkey.matched_training(dataclasses.replace(quick, grow=None)) == quick.train
+

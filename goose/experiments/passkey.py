@@ -91,7 +91,8 @@ class Preset:
     chunk_size: int
     topk: int
     train_lengths: tuple[int, ...]    # prompt lengths of the training batches (one drawn per batch)
-    train: TrainConfig                # RWKV-7's passkey training; a grown hybrid's stages run multiples of its steps
+    train: TrainConfig                # passkey training; a grown hybrid's stages run multiples of its steps, and
+                                      # RWKV-7 then as many as its stages 1 + 2 (``matched_training``)
     batch_size: int
     eval_lengths: tuple[int, ...]
     depths: int                       # needle depths 0, 1/depths, ... (RWKV-X: 10)
@@ -337,6 +338,13 @@ def stage_config(p: Preset, times: float, **changes: Any) -> TrainConfig:
     return dataclasses.replace(p.train, steps=max(1, round(times * p.train.steps)), **changes)
 
 
+def matched_training(p: Preset) -> TrainConfig:
+    """The passkey training of a model trained from scratch: with a grown hybrid beside it, as many steps as
+    the hybrid's stages 1 and 2 together, so that both see the same number of passkey batches (its
+    pretraining never asks for the key); otherwise ``p.train``."""
+    return stage_config(p, p.grow.stage1 + p.grow.stage2) if p.grow else p.train
+
+
 def fit_passkey(model: nn.Module, p: Preset, cfg: TrainConfig, seed: int, desc: str, progress: bool) -> TrainResult:
     """Train ``model``'s trainable parameters on passkey retrieval with ``cfg``, scored by ``answer_accuracy``
     on 16 fixed prompts of the longest training length."""
@@ -391,7 +399,7 @@ def _train_and_score(name: str, p: Preset, seed: int, progress: bool) -> dict[st
         model, stages = grow_hybrid(p, p.grow, seed, progress)
     else:
         model = build_model(name, p, seed)
-        stages = {"passkey training": fit_passkey(model, p, p.train, seed, name, progress)}
+        stages = {"passkey training": fit_passkey(model, p, matched_training(p), seed, name, progress)}
     cpu_train = time.process_time() - cpu
     fit = list(stages.values())[-1]
     start = time.perf_counter()
