@@ -319,6 +319,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     """
     from safetensors.torch import load_file
 
+    from .checkpoint import own_copy
     from .model import ModelConfig, RWKV7
 
     path = Path(path)
@@ -341,6 +342,6 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     sd = load_file(str(path), device=str(device))
     for k, t in sd.items():   # copies: load_file maps the file, and the model must not change if the file does
         cast = dtype is not None and not k.startswith(tuple(converted))
-        sd[k] = t.to(dtype=dtype if cast else t.dtype, copy=True)
+        sd[k] = own_copy(t, t.device, dtype if cast else t.dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import LAYER0_UNUSED, CheckpointError, config_from_tensors, detect_version, layout_problems, read_tensors
+from .checkpoint import (LAYER0_UNUSED, CheckpointError, config_from_tensors, detect_version, layout_problems, own_copy,
+                         read_tensors)
 from .model import ChannelMix, ModelConfig, RWKV7
 from .ops import Linear
 from .ops.sparse_attention import dense_causal_attention, sparse_attention
@@ -321,8 +322,7 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     if problems:
         raise CheckpointError(f"{path} does not match the RWKV-X layout it implies ({cfg.rwkv.n_layer} RWKV "
                               f"blocks, {cfg.n_attn_layer} attention blocks): " + ", ".join(problems))
-    model.load_state_dict({k: t.to(device=device, dtype=dtype, copy=True) for k, t in sd.items()}, strict=True,
-                          assign=True)   # copies: read_tensors maps the file
+    model.load_state_dict({k: own_copy(t, device, dtype) for k, t in sd.items()}, strict=True, assign=True)
     return model.eval()
 
 

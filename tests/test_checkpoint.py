@@ -75,6 +75,17 @@ def test_loaded_weights_do_not_follow_later_writes_to_the_file(tmp_path, suffix,
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
+@pytest.mark.parametrize("numel", [100, 3 << 20])       # small, and large enough for the huge-page path
+def test_own_copy_is_new_memory_with_the_same_values(numel):
+    from goose.checkpoint import own_copy
+
+    t = torch.randn(numel, generator=torch.Generator().manual_seed(0)).view(-1, 4)
+    for dtype in (torch.float32, torch.bfloat16):
+        c = own_copy(t, "cpu", dtype)
+        assert c.dtype == dtype and c.shape == t.shape and c.data_ptr() != t.data_ptr()
+        assert torch.equal(c, t.to(dtype))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load(tmp_path / "nope.pth")
