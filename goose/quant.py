@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import own_copy
 from .ops import matmul
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -189,6 +190,7 @@ class Int4Linear(nn.Module):
     def _cpu_kernel_args(self) -> tuple[Tensor, Tensor]:
         if self._cpu_packed is None or self._cpu_packed[0].device != self.weight.device:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._unpack().to(torch.int32), 1)
+            packed = own_copy(packed, packed.device, packed.dtype)   # onto huge pages, as the other weights
             scales_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
             self._cpu_packed = (packed, scales_zeros)
         return self._cpu_packed
@@ -244,6 +246,8 @@ def quantize(model: nn.Module, fmt: str, group_size: int = 64) -> nn.Module:
             new = Int8Linear.from_linear(lin)
         else:
             new = Int4Linear.from_linear(lin, group_size)
+        for name, buf in new.named_buffers():             # huge pages for the weights decoding reads (own_copy)
+            setattr(new, name, own_copy(buf, buf.device, buf.dtype))
         setattr(parent, attr, new)
     return model
 
@@ -319,7 +323,6 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     """
     from safetensors.torch import load_file
 
-    from .checkpoint import own_copy
     from .model import ModelConfig, RWKV7
 
     path = Path(path)
