@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from goose.checkpoint import own_copy
 from goose.ops import blas_matvec, matmul
 from goose.random_weights import write_random_checkpoint
 
@@ -92,7 +93,8 @@ def timed(fn: Callable[[], object]) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _big_matrix() -> torch.Tensor:
-    return torch.randn(16384, 8192, generator=torch.Generator().manual_seed(0))
+    """On huge pages where Linux offers them, like the weights of a loaded model (checkpoint.own_copy)."""
+    return own_copy(torch.randn(16384, 8192, generator=torch.Generator().manual_seed(0)), "cpu", torch.float32)
 
 
 def matvec_bandwidth(repeats: int = 10) -> float:
@@ -116,7 +118,7 @@ def matvec_bandwidth(repeats: int = 10) -> float:
 
 def read_bandwidth(repeats: int = 10) -> float:
     """GB/s of a plain streaming read (sum of 512 MiB), for comparison with the matvec figure."""
-    x = torch.ones(1 << 27)
+    x = own_copy(torch.ones(1 << 27), "cpu", torch.float32)
     times = [timed(x.sum) for _ in range(repeats + 2)]
     return x.numel() * 4 / statistics.median(times[2:]) / 1e9
 
