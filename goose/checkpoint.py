@@ -142,7 +142,7 @@ def _check_against_model(sd: dict[str, Tensor], cfg: ModelConfig, source: str) -
 def own_copy(t: Tensor, device: torch.device | str, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype`` on ``device``, always in new memory (what every loader keeps: files are read
     memory-mapped, see ``load``). Large CPU tensors are asked onto transparent huge pages where Linux
-    offers them: decoding reads every weight once per token, and with 2 MB pages it ran 4-9% faster here
+    offers them: decoding reads every weight once per token, and with 2 MB pages it ran 4-10% faster here
     (docs/PERFORMANCE.md)."""
     if torch.device(device).type != "cpu" or t.numel() * dtype.itemsize < 2 * HUGE_PAGE:
         return t.to(device=device, dtype=dtype, copy=True)
