@@ -26,6 +26,16 @@ def ckpt_factory(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the rest of the module: the models of these tests are tiny, and a second
+    intra-op thread only adds contention (deterministic, and up to 10x faster on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(ckpt_factory):
     """A small fp32 model with the World vocabulary size (65536), 2 layers, 2 heads."""

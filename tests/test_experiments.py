@@ -127,15 +127,6 @@ def test_counting(modulus):
         assert y == [sum(b[:t + 1]) % modulus for t in range(len(b))]
 
 
-@pytest.fixture
-def one_thread():
-    """Run as ``goose experiment`` does: tiny models are slower with intra-op threads on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_word_problems_end_to_end(tmp_path, one_thread):
     from goose.experiments import word_problems
 

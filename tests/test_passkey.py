@@ -11,15 +11,6 @@ from goose.experiments.runner import IGNORE
 from goose.train.init import model_config, new_model
 
 
-@pytest.fixture
-def one_thread():
-    """Run as ``goose experiment`` does: tiny models are slower with intra-op threads on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _micro(steps: int = 2) -> passkey.Preset:
     quick = passkey.PRESETS["quick"]
     return dataclasses.replace(quick, train_lengths=(300,), batch_size=2,

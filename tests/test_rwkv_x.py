@@ -13,14 +13,7 @@ from goose.ops.sparse_attention import (chunk_attention, dense_causal_attention,
 from goose.random_weights import random_state_dict as random_rwkv7_state_dict
 from goose.train.init import model_config, new_model
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds contention (10x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-4   # fp32 parity: max |Δlogit| <= TOL * std(reference logits), as tests/test_parity.py
 

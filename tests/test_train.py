@@ -24,18 +24,11 @@ from goose.train.init import init_weights, lora_ranks, model_config, new_model
 from goose.train.optim import lr_at, make_optimizer, param_groups
 from goose.train.trainer import L2Wrap, TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(tokenizer="byte", model_size="L2-D64", head_size=16, ctx_len=64, micro_batch=4, steps=12,
             lr_init=3e-3, lr_final=1e-3, warmup_steps=3, eval_every=6, eval_batches=2, save_every=4,
             progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded: deterministic, and far faster than two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
