@@ -44,13 +44,11 @@ Evaluator = Callable[[nn.Module], dict[str, float]]
 
 def build_model(arch: str, n_layer: int, n_embd: int, vocab_size: int, head_size: int, seed: int) -> nn.Module:
     """A freshly initialised model of one of ``ARCHS``; RWKV variants use RWKV-LM's initialisation."""
-    if arch == "gpt":
+    if arch in ("gpt", "mamba"):     # torch's default initialisation, seeded without touching the global RNG
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return GPT(GPTConfig(n_layer, n_embd, vocab_size, head_size))
-    if arch == "mamba":
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            if arch == "gpt":
+                return GPT(GPTConfig(n_layer, n_embd, vocab_size, head_size))
             return HFMamba(n_layer, n_embd, vocab_size)
     cfg = model_config(n_layer, n_embd, vocab_size, head_size)
     if arch == "rwkv7-a0":
