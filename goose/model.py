@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import Linear, matmul, one_token_step, wkv
+from .ops import Linear, fused, matmul, wkv
 from .state import State, starting_state
 
 OFFICIAL_LOG_DECAY_FLOOR = -math.exp(-0.5)  # decay = exp(-e^{-1/2} sigmoid(w)) lies in (0.545, 1)
@@ -115,6 +115,8 @@ class TimeMix(nn.Module):
         ``wkv_out`` receives the new WKV state (it may be ``wkv_state`` itself; see ops.wkv)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        if T == 1 and mode == "auto" and fused.available(x, self._fused_params()):
+            return self._fused_step(x, shift, wkv_state, v_first, wkv_out)
         dx = _token_shift(x, shift)
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, dx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v,
                                                                      self.x_a, self.x_g))
@@ -144,6 +146,22 @@ class TimeMix(nn.Module):
         bonus = ((r * k).view(heads) * self.r_k).sum(dim=-1, keepdim=True) * v.view(heads)
         y = y + bonus.view(B, T, C)
         return self.output(y * g), x[:, -1], wkv_state, v_first
+
+    def _fused_params(self) -> tuple[Tensor, ...]:
+        return (self.w0, self.w1, self.w2, self.a0, self.a1, self.a2, self.v0, self.v1, self.v2, self.g1, self.g2,
+                self.k_k, self.k_a, self.r_k, self.ln_x.weight, self.ln_x.bias)
+
+    def _fused_step(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None,
+                    wkv_out: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``forward`` for one token through the fused CPU kernels (ops/fused.py): the same math."""
+        B, _, C = x.shape
+        mixed = fused.token_mix(x.view(B, C), shift, (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        r, k, v = self.receptance(mixed[0]), self.key(mixed[2]), self.value(mixed[3])
+        out_state = torch.empty_like(wkv_state) if wkv_out is None else wkv_out
+        y, v = fused.time_mix_step(r, k, v, mixed, self._fused_params(), wkv_state, out_state,
+                                   None if self.layer_id == 0 else v_first, self.log_decay_floor, self.iclr,
+                                   self.ln_x.eps)
+        return self.output(y).view(B, 1, C), x[:, -1], out_state, v if self.layer_id == 0 else v_first
 
 
 class ChannelMix(nn.Module):
@@ -205,8 +223,7 @@ class RWKV7(nn.Module):
         WKV form ("auto", "scan" or "chunked"); all give the same result.
         """
         state = starting_state(tokens, state, self.new_state)
-        with one_token_step(tokens, self.head.weight):
-            return self._forward(tokens, state, last, mode, inplace)
+        return self._forward(tokens, state, last, mode, inplace)
 
     def _forward(self, tokens: Tensor, state: State, last: bool, mode: str, inplace: bool) -> tuple[Tensor, State]:
         # each layer's new state is written straight into its slot (of the caller's state if inplace), so

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import own_copy
-from .ops import matmul
+from .ops import linear, native, native_rows
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +91,7 @@ class DenseLinear(nn.Module):
             # fast): widen the weight block by block and multiply in fp32 instead
             out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
             return out.to(x.dtype)
-        return matmul(x.to(w.dtype), w.t()).to(x.dtype)
+        return linear(x.to(w.dtype), w).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"
@@ -123,6 +123,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
+        if native_rows(x):     # fp32 activations, a few rows: goose's kernel reads the int8 weight once
+            out = native.ops("decode").linear_int8(x.reshape(rows, self.in_features).contiguous(), self.weight,
+                                                 self.scale)
+            return out.view(*x.shape[:-1], self.out_features)
         if _HAS_INT8_MM and _packed_path(x, rows, self.packed_max_rows):
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)

@@ -1,10 +1,10 @@
-"""goose.ops.matmul picks OpenBLAS / oneDNN / torch per call; every choice must equal torch's ``x @ w``,
-forward and backward, whatever the shapes and memory layouts."""
+"""goose.ops.matmul / linear pick the native matrix-vector kernels / oneDNN / torch per call; every choice
+must equal torch's ``x @ w``, forward and backward, whatever the shapes and memory layouts."""
 import pytest
 import torch
 
 import goose.ops.gemm as gemm
-from goose.ops import blas_matvec, matmul
+from goose.ops import linear, matmul, native
 
 # fp32 products of length <= 3072 from different BLAS libraries differ only in summation order
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -14,7 +14,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def _fast_kernels_for_every_size(monkeypatch):
     """The kernels' size thresholds would send these small test products to torch."""
     monkeypatch.setattr(gemm, "ONEDNN_MIN_MACS", 0)
-    monkeypatch.setattr(gemm, "BLAS_MIN_WEIGHT", 0)
 
 
 def _operands(rows: int, lead: tuple[int, ...], transposed_weight: bool, seed: int = 0):
@@ -24,29 +23,50 @@ def _operands(rows: int, lead: tuple[int, ...], transposed_weight: bool, seed: i
     return x, w
 
 
-@pytest.mark.parametrize("rows", [1, 2, 17])
+def test_native_kernels_build_here():
+    """The machine the suite runs on has a C++ compiler: the fast path must not silently fall back."""
+    assert native.load("decode")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17])
 @pytest.mark.parametrize("lead", [(), (1,), (3,)])
 @pytest.mark.parametrize("transposed_weight", [False, True])
 def test_every_kernel_equals_torch(rows, lead, transposed_weight):
+    """1-4 rows (x the leading dims) reach the native kernels, more go to oneDNN."""
     x, w = _operands(rows, lead, transposed_weight)
     with torch.no_grad():
         plain = x @ w
-        torch.testing.assert_close(matmul(x, w), plain, **TOL)            # oneDNN (or torch for 1 row)
-        with blas_matvec():
-            torch.testing.assert_close(matmul(x, w), plain, **TOL)        # OpenBLAS for a single row
+        torch.testing.assert_close(matmul(x, w), plain, **TOL)
+        if transposed_weight:
+            torch.testing.assert_close(linear(x, w.t()), plain, **TOL)
     assert matmul(x, w).shape == plain.shape
 
 
-def test_blas_matvec_runs_torch_single_threaded_and_restores():
-    threads = torch.get_num_threads()
-    with blas_matvec():
-        assert torch.get_num_threads() == 1
-        with blas_matvec():                                               # nesting is harmless
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == threads
-    with blas_matvec(enabled=False):
-        assert torch.get_num_threads() == threads
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1000), (64, 768), (3072, 64)])
+def test_native_kernels_against_fp64(rows, in_features, out_features):
+    """Every native op (both weight layouts, int8 weights) at shapes with and without vector-width tails."""
+    g = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+    scale = (torch.rand(out_features, generator=g) + 0.5).bfloat16()
+    ops = native.ops("decode")
+    exact = x.double() @ weight.double().T
+    exact_q = x.double() @ (q.double() * scale.double()[:, None]).T
+    for got, want in ((ops.linear(x, weight), exact), (ops.matmul(x, weight.T.contiguous()), exact),
+                      (ops.linear_int8(x, q, scale), exact_q)):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5   # fp32 sums of <= 3072 terms
+
+
+def test_native_kernels_refuse_bad_operands():
+    ops = native.ops("decode")
+    with pytest.raises(RuntimeError, match="rows"):
+        ops.linear(torch.randn(5, 8), torch.randn(3, 8))                  # more rows than the kernels take
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.linear(torch.randn(1, 8), torch.randn(3, 9))
+    with pytest.raises(RuntimeError, match="fp32"):
+        ops.matmul(torch.randn(1, 8).double(), torch.randn(8, 3))
 
 
 @pytest.mark.parametrize("rows", [1, 7])

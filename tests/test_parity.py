@@ -47,12 +47,11 @@ def max_err(x, ref):
 
 @pytest.fixture(params=["fast_kernels", "plain_torch"])
 def matmul_path(request, monkeypatch):
-    """Route every fp32 product through OpenBLAS (one row) / oneDNN (several rows), whatever its size (these
-    models are below the size thresholds), or through torch's default kernels."""
+    """Route every fp32 product through goose's native kernels (up to 4 rows) / oneDNN (more rows), whatever
+    its size (these models are below oneDNN's size threshold), or through torch's default kernels."""
     if request.param == "plain_torch":
         monkeypatch.setattr(gemm, "_ENABLED", False)
     else:
-        monkeypatch.setattr(gemm, "BLAS_MIN_WEIGHT", 0)
         monkeypatch.setattr(gemm, "ONEDNN_MIN_MACS", 0)
     return request.param
 

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from goose.checkpoint import own_copy
-from goose.ops import blas_matvec, matmul
+from goose.ops import linear
 from goose.random_weights import write_random_checkpoint
 
 SIZES = ("L12-D768", "L24-D1024")  # the sizes of the 0.19B and 0.45B releases, World vocabulary
@@ -100,16 +100,23 @@ def _big_matrix() -> torch.Tensor:
 def matvec_bandwidth(repeats: int = 10) -> float:
     """GB/s of weights read by a large fp32 matrix-vector product (16384 x 8192, 512 MiB, far larger than any
     cache), the roofline's bandwidth: the best of torch's default kernel in both memory layouts (``W @ x``
-    reads rows, ``x @ W`` sweeps columns) and goose's own (``ops.matmul`` in ``blas_matvec``: OpenBLAS),
-    median of repeats each. The vector changes every call."""
+    reads rows, ``x @ W`` sweeps columns), numpy's BLAS (OpenBLAS, on its own threads) and goose's own
+    (``ops.linear``), median of repeats each. The vector changes every call."""
+    import numpy as np
+
     w = _big_matrix()
     best = 0.0
 
-    def blas(x: torch.Tensor) -> torch.Tensor:
-        with blas_matvec():
-            return matmul(x, w.t())
+    def openblas(x: torch.Tensor) -> np.ndarray:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)          # torch's idle OpenMP threads would spin against OpenBLAS's
+        try:
+            return np.matmul(x.numpy(), w.numpy().T)
+        finally:
+            torch.set_num_threads(threads)
 
-    for fn, n in ((lambda x: w @ x, w.shape[1]), (lambda x: x @ w, w.shape[0]), (blas, w.shape[1])):
+    for fn, n in ((lambda x: w @ x, w.shape[1]), (lambda x: x @ w, w.shape[0]),
+                  (openblas, w.shape[1]), (lambda x: linear(x, w), w.shape[1])):
         xs = torch.randn(repeats + 2, n)
         times = [timed(functools.partial(fn, x)) for x in xs]
         best = max(best, w.numel() * 4 / statistics.median(times[2:]) / 1e9)

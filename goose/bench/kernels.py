@@ -8,7 +8,6 @@ dequantize + bf16 GEMM fallback above) were made from.
 """
 from __future__ import annotations
 
-import functools
 import statistics
 
 import torch
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from goose.bench.common import print_table, timed
-from goose.ops import blas_matvec
 from goose.quant import DenseLinear, Int4Linear, Int8Linear
 
 
@@ -30,13 +28,6 @@ def _layers(C: int = 768, L: int = 12, V: int = 65536) -> list[nn.Linear]:
             lin.weight.copy_(torch.randn(out, inp, generator=g) / inp ** 0.5)
         layers.append(lin)
     return layers
-
-
-def _decode_step(mods: list[nn.Module], xs: dict[int, torch.Tensor], rows: int) -> None:
-    """goose's fp32 products as the model runs them: one row inside ``blas_matvec`` (OpenBLAS)."""
-    with blas_matvec(rows == 1):
-        for m in mods:
-            m(xs[m.in_features])
 
 
 def _int4_args(m: Int4Linear) -> tuple:
@@ -67,7 +58,6 @@ def run(rows=(1, 4, 16, 64, 1024), repeats: int = 5) -> dict:
         for R in rows:
             xs = {d: torch.randn(R, d) for d in {m.in_features for m in layers}}
             fns = {name: (lambda mods=mods: [m(xs[m.in_features]) for m in mods]) for name, mods in variants.items()}
-            fns["fp32 goose (ops.matmul)"] = functools.partial(_decode_step, variants["fp32 goose (ops.matmul)"], xs, R)
             if R <= 64:                                  # beyond, these take minutes
                 fns.update({name: (lambda mods=mods, f=f: [f(xs[m.in_features], m) for m in mods])
                             for name, (mods, f) in raw.items()})

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..ops import Linear, one_token_step
+from ..ops import Linear
 from ..state import State, starting_state
 
 VERSIONS = ("v4", "x050", "x051", "x052", "x060")
@@ -151,8 +151,7 @@ class LegacyRWKV(nn.Module):
                              f"{tuple(state.wkv.shape)}, expected [{self.config.n_layer}, B, "
                              f"{', '.join(map(str, self.wkv_shape()))}]")
 
-        with one_token_step(tokens, self.head.weight):
-            return self._forward(tokens, state, last, inplace)
+        return self._forward(tokens, state, last, inplace)
 
     def _forward(self, tokens: Tensor, state: State, last: bool, inplace: bool) -> tuple[Tensor, State]:
         new_state = state if inplace else State(*(torch.empty_like(t) for t in state.tensors().values()))
