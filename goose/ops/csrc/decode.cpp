@@ -53,23 +53,34 @@ inline __m512 load_weights(const int8_t* p, __mmask16 mask) {
 }
 
 // y[m, n + j] = sum_k x[m, k] W[n + j, k] for j < R and m < M (R weight rows, contiguous rows of length K).
+// One 16-wide step of dot_rows (the loops are unrolled so that the accumulators stay in registers).
+template <int M, int R, typename W>
+__attribute__((always_inline)) inline void dot_step(const float* x, const W* w, int64_t K, int64_t k, __mmask16 mask,
+                                                    __m512 (&acc)[M][R]) {
+    __m512 wv[R];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) wv[j] = load_weights(w + j * K + k, mask);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
+    }
+}
+
 template <int M, int R, typename W>
 void dot_rows(const float* x, const W* w, int64_t K, float* sums /* [M][R] */) {
     __m512 acc[M][R];
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
         for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
-    auto step = [&](int64_t k, __mmask16 mask) {
-        __m512 wv[R];
-        for (int j = 0; j < R; ++j) wv[j] = load_weights(w + j * K + k, mask);
-        for (int m = 0; m < M; ++m) {
-            const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-            for (int j = 0; j < R; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
-        }
-    };
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) step(k, 0xFFFF);
-    if (k < K) step(k, tail_mask(K - k));
+    for (; k + 16 <= K; k += 16) dot_step<M, R>(x, w, K, k, 0xFFFF, acc);
+    if (k < K) dot_step<M, R>(x, w, K, k, tail_mask(K - k), acc);
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
         for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
 
@@ -79,18 +90,26 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
     constexpr int V = COL_BLOCK / 16;
     __m512 acc[M][V];
     __mmask16 mask[V];
+#pragma GCC unroll 4
     for (int j = 0; j < V; ++j) mask[j] = tail_mask(std::max<int64_t>(0, width - 16 * j));
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
         for (int j = 0; j < V; ++j) acc[m][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
         __m512 wv[V];
+#pragma GCC unroll 4
         for (int j = 0; j < V; ++j) wv[j] = _mm512_maskz_loadu_ps(mask[j], w + k * N + n0 + 16 * j);
+#pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
             const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+#pragma GCC unroll 4
             for (int j = 0; j < V; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
         }
     }
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
         for (int j = 0; j < V; ++j) _mm512_mask_storeu_ps(y + m * N + n0 + 16 * j, mask[j], acc[m][j]);
 }
 
