@@ -1,16 +1,40 @@
 """The three WKV forms are one function: chunked == scan == repeated step, outputs, states, gradients.
 
 Reference: ``wkv_scan`` in fp64. Tolerance: relative max error (max|Δ| / max|ref|) <= 1e-5 in fp32
-for outputs, final states and gradients of every input (measured ~3e-7).
+for outputs, final states and gradients of every input (measured ~3e-7). The chunked form has two
+implementations, the native forward kernel (csrc/wkv.cpp, used without autograd) and the torch code (the
+differentiable path and the fallback); both are checked against the reference.
 """
+import functools
+import importlib
 import math
 
 import pytest
 import torch
 
-from goose.ops import wkv, wkv_chunked, wkv_scan, wkv_step
+from goose.ops import native, wkv, wkv_chunked, wkv_scan, wkv_step
+
+wkv_module = importlib.import_module("goose.ops.wkv")   # the module, not the function goose.ops.wkv
 
 TOL = 1e-5
+torch_chunked = functools.partial(wkv_chunked, allow_native=False)
+needs_native = pytest.mark.skipif(not native.load("wkv"), reason="native WKV kernel unavailable on this machine")
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The chunk lengths of the native kernel's calls made through ``wkv_chunked`` during the test."""
+    calls = []
+    kernels = native.ops("wkv")
+
+    class Spy:
+        @staticmethod
+        def chunked_forward(*args):
+            calls.append(args[-1])
+            return kernels.chunked_forward(*args)
+
+    monkeypatch.setattr(wkv_module.native, "ops", lambda name: Spy)
+    return calls
 
 
 def make_inputs(B, T, H=2, N=64, seed=0):
@@ -45,7 +69,8 @@ def test_forward_modes_agree(T, B):
     x64 = make_inputs(B, T, seed=T + B)
     y_ref, s_ref = wkv_scan(*x64)
     x32 = [t.float() for t in x64]
-    for name, fn in [("chunked", wkv_chunked), ("scan", wkv_scan), ("step", repeated_step)]:
+    for name, fn in [("chunked", wkv_chunked), ("torch chunked", torch_chunked), ("scan", wkv_scan),
+                     ("step", repeated_step)]:
         y, s = fn(*x32)
         assert y.dtype == torch.float32 and s.dtype == torch.float32
         assert rel(y, y_ref) < TOL, name
@@ -56,8 +81,81 @@ def test_forward_modes_agree(T, B):
 def test_chunk_lengths(chunk_len):
     x64 = make_inputs(2, 333, seed=5)
     y_ref, s_ref = wkv_scan(*x64)
-    y, s = wkv_chunked(*[t.float() for t in x64], chunk_len=chunk_len)
+    y, s = torch_chunked(*[t.float() for t in x64], chunk_len=chunk_len)
     assert rel(y, y_ref) < TOL and rel(s, s_ref) < TOL
+
+
+@needs_native
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 100, 1000])
+def test_native_forward(T, B, native_calls):
+    """Without autograd, ``wkv_chunked`` runs the native kernel, from a nonzero initial state."""
+    x64 = make_inputs(B, T, seed=200 + T + B)
+    y_ref, s_ref = wkv_scan(*x64)
+    y, s = wkv_chunked(*[t.float() for t in x64])
+    assert native_calls == [wkv_module.NATIVE_CHUNK_LEN]
+    assert y.dtype == torch.float32 and s.dtype == torch.float32 and y.shape == y_ref.shape
+    assert rel(y, y_ref) < TOL and rel(s, s_ref) < TOL
+
+
+@needs_native
+@pytest.mark.parametrize("chunk_len", [1, 3, 8, 16, 32, 64])
+def test_native_chunk_lengths(chunk_len):
+    """The kernel itself at chunk lengths other than the one ``wkv_chunked`` picks (T = 333: a partial chunk)."""
+    x64 = make_inputs(2, 333, seed=6)
+    y_ref, s_ref = wkv_scan(*x64)
+    y, s = native.ops("wkv").chunked_forward(*[t.float() for t in x64], chunk_len)
+    assert rel(y, y_ref) < TOL and rel(s, s_ref) < TOL
+
+
+@needs_native
+@pytest.mark.parametrize("N", [8, 40, 48, 128])
+def test_native_other_head_sizes(N, native_calls):
+    """Head sizes that are not 64: the portable loops (N = 8, 40) and other vector widths (48, 128)."""
+    x64 = make_inputs(2, 70, H=3, N=N, seed=N)
+    y_ref, s_ref = wkv_scan(*x64)
+    y, s = wkv_chunked(*[t.float() for t in x64])
+    assert native_calls and rel(y, y_ref) < TOL and rel(s, s_ref) < TOL
+
+
+@needs_native
+def test_native_state_chaining_split_anywhere(native_calls):
+    x64 = make_inputs(2, 90, seed=10)
+    y_ref, s_ref = wkv_scan(*x64)
+    x = [t.float() for t in x64]
+    s = x[-1]
+    ys = []
+    for lo, hi in [(0, 7), (7, 40), (40, 42), (42, 90)]:
+        y, s = wkv_chunked(*[t[:, lo:hi] for t in x[:-1]], s)   # slices of B = 2: not contiguous
+        ys.append(y)
+    assert len(native_calls) == 4
+    assert rel(torch.cat(ys, 1), y_ref) < TOL and rel(s, s_ref) < TOL
+
+
+@needs_native
+def test_native_low_precision_inputs(native_calls):
+    x = make_inputs(1, 40, seed=3)
+    y_ref, _ = wkv_scan(*[t.bfloat16().double() for t in x[:-1]], x[-1])
+    y, s = wkv_chunked(*[t.bfloat16() for t in x[:-1]], x[-1].float())
+    assert native_calls and y.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel(y, y_ref) < TOL   # against the scan of the same rounded inputs
+
+
+def test_autograd_runs_the_torch_path(native_calls):
+    """Inputs that need gradients take the differentiable torch code; the same inputs under no_grad and
+    fp64 inputs do not reach the native kernel's gradient-free path by mistake."""
+    x = [t.float().requires_grad_() for t in make_inputs(1, 50, seed=4)]
+    assert wkv_module.chunked_backend(*x) == "torch"
+    y, s = wkv_chunked(*x)
+    assert y.grad_fn is not None and s.grad_fn is not None and native_calls == []
+    (y.sum() + s.sum()).backward()
+    assert all(t.grad is not None for t in x)
+    assert wkv_module.chunked_backend(*make_inputs(1, 5)) == "torch"   # fp64 stays in torch
+    with torch.no_grad():
+        y_ng, _ = wkv_chunked(*x)
+    if native.load("wkv"):
+        assert native_calls == [wkv_module.NATIVE_CHUNK_LEN] and y_ng.grad_fn is None
+        assert rel(y_ng, y.detach().double()) < TOL
 
 
 @pytest.mark.parametrize("B", [1, 3])
