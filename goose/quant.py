@@ -13,9 +13,11 @@ model.py is not touched: the math has one copy, and a quantized model is still a
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
   the "Q4_1"-style format, not the symmetric "Q4_0" that broke RWKV in rwkv.cpp.
 
-Kernels. On CPU, torch's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
-run one decode token fast with bf16 activations, but degrade sharply above a few rows (measured numbers in
-docs/PERFORMANCE.md), so each class uses them up to ``packed_max_rows`` rows. Every other case (prefill, big
+Kernels. On CPU, int8 with fp32 activations and up to 4 rows (decoding) runs on goose's native kernel
+(``ops/csrc/decode.cpp``: fp32 activations, the int8 weight read once for all rows). Otherwise torch's
+weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16
+activations, but degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class
+uses them up to ``packed_max_rows`` rows. Every other case (prefill, big
 batches, other devices, a torch without those ops) uses the plain-torch fallback: dequantize a block of
 output rows to the activation's dtype (bf16 activations on CPU for large inputs) and call ``F.linear``;
 blocks keep the temporary below ``DEQUANT_BLOCK_BYTES``. Both paths use the same stored numbers.
