@@ -17,8 +17,8 @@ Small GEMMs stay on torch: each oneDNN call costs ~12 us, more than MKL needs fo
 measured times cross.
 
 All compute the same fp32 dot products (summation order differs, as between any two BLAS libraries).
-Set ``GOOSE_PLAIN_MATMUL=1`` to turn them all off and use torch's default everywhere (``GOOSE_NATIVE=0``
-turns off the native kernels only).
+Set ``GOOSE_PLAIN_MATMUL=1`` to send every product to torch's default kernels (it also turns off the fused
+decode step, ``ops/fused.py``); ``GOOSE_NATIVE=0`` turns off every native kernel.
 """
 from __future__ import annotations
 
