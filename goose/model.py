@@ -115,7 +115,7 @@ class TimeMix(nn.Module):
         ``wkv_out`` receives the new WKV state (it may be ``wkv_state`` itself; see ops.wkv)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        if T == 1 and mode == "auto" and fused.available(x, self._fused_params()):
+        if T == 1 and mode == "auto" and fused.available(x, self):
             return self._fused_step(x, shift, wkv_state, v_first, wkv_out)
         dx = _token_shift(x, shift)
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, dx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v,

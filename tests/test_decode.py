@@ -48,8 +48,8 @@ def _err(a, b):
 
 
 def test_fused_kernels_build_here():
-    x = torch.zeros(1, 1, 8)
-    assert fused.available(x, [torch.zeros(8)])
+    with torch.inference_mode():
+        assert fused.available(torch.zeros(1, 1, 8), torch.nn.Linear(8, 8))
 
 
 @pytest.mark.parametrize("batch", [1, 3, 6])            # 6 > the kernels' 4-row blocks
@@ -99,7 +99,8 @@ def test_no_iclr_ablation(torch_only):
 
 
 def test_autograd_takes_the_torch_path():
-    x = torch.zeros(1, 1, 8, requires_grad=True)
-    assert not fused.available(x, [torch.zeros(8)])
+    x, module = torch.zeros(1, 1, 8), torch.nn.Linear(8, 8)        # its parameters require grad
+    assert not fused.available(x, module)
+    assert not fused.available(x.requires_grad_(), module.requires_grad_(False))
     with torch.no_grad():
-        assert fused.available(x, [torch.zeros(8, requires_grad=True)])
+        assert fused.available(x, module.requires_grad_(True))

@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import gemm, native
 
 
-def available(x: Tensor, params: Sequence[Tensor]) -> bool:
-    """Whether the fused kernels serve a step on ``x`` with these parameters."""
+def available(x: Tensor, module: nn.Module) -> bool:
+    """Whether the fused kernels serve a step of ``module`` on ``x`` (fp32 CPU inference, kernels built)."""
     if not (gemm._ENABLED and x.device.type == "cpu" and x.dtype == torch.float32):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False
     return native.load("decode")
 
