@@ -7,7 +7,7 @@ model.py is not touched: the math has one copy, and a quantized model is still a
 
 - ``fp32``/``bf16``/``fp16``: the weight in that dtype; activations are cast to it and back (so an fp32
   model can read bf16 weights). fp32 products run on ``goose.ops.matmul``'s CPU kernels, like the plain
-  model's.
+  model's; a few fp32 rows against bf16 weights (decoding) run on the native kernel with fp32 activations.
 - ``int8``: symmetric, one scale per output channel (``w = q * scale``, ``q`` in [-127, 127]).
 - ``int4``: asymmetric, one (scale, zero) pair per group of ``group_size`` input channels
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
@@ -88,6 +88,8 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
+        if w.dtype == torch.bfloat16 and native_rows(x):
+            return linear(x, w)      # a few fp32 rows (decoding): goose's kernel reads the bf16 weight once
         if w.dtype == torch.float16 and x.device.type == "cpu" and x.numel() > self.in_features:
             # CPUs without fp16 arithmetic run fp16 GEMMs on a slow path (only the matrix-vector one is
             # fast): widen the weight block by block and multiply in fp32 instead

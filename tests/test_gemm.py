@@ -99,3 +99,15 @@ def test_autocast_still_lowers_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = matmul(x, w)
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_linear_reads_bf16_weights_with_fp32_activations(rows):
+    """The product is exact against the bf16 weight widened to fp32 (no rounding of the activations)."""
+    g = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 200, generator=g), torch.randn(70, 200, generator=g).bfloat16()
+    exact = x.double() @ weight.double().T
+    with torch.no_grad():
+        got = linear(x, weight)
+    assert got.dtype == torch.float32
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5

@@ -82,16 +82,18 @@ def native_rows(x: Tensor) -> int:
     return rows
 
 
-def _native_rows(x: Tensor, w: Tensor) -> int:
-    """``native_rows(x)`` for a product with the fp32 weight ``w`` that needs no gradient."""
-    if w.dtype != torch.float32 or (w.requires_grad and torch.is_grad_enabled()):
+def _native_rows(x: Tensor, w: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> int:
+    """``native_rows(x)`` for a product with a weight ``w`` of one of ``dtypes`` that needs no gradient."""
+    if w.dtype not in dtypes or (w.requires_grad and torch.is_grad_enabled()):
         return 0
     return native_rows(x)
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ weight.T`` for ``x [..., in]`` and an ``nn.Linear``-layout ``weight [out, in]``."""
-    rows = _native_rows(x, weight)
+    """``x @ weight.T`` for ``x [..., in]`` and an ``nn.Linear``-layout ``weight [out, in]``.
+
+    A bf16 ``weight`` with fp32 ``x`` is served by the native kernel only: check ``native_rows(x)`` first."""
+    rows = _native_rows(x, weight, (torch.float32, torch.bfloat16))
     if rows and weight.is_contiguous():
         out = native.ops("decode").linear(x.reshape(rows, x.shape[-1]).contiguous(), weight)
         return out.view(*x.shape[:-1], weight.shape[0])

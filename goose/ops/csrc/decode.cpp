@@ -5,7 +5,7 @@
 // own thread pool (at::parallel_for over output features). Activations are fp32 and so is the
 // accumulation; only the summation order differs from a BLAS.
 //
-//   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout: rows of weight)
+//   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
 //   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: columns of w)
 //   linear_int8(x [M, K], q [N, K] int8, scale [N] bf16) = x @ (q * scale[:, None]).T
 //
@@ -23,7 +23,8 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define GOOSE_AVX512 1
 #include <immintrin.h>
 #endif
 
@@ -39,7 +40,7 @@ constexpr int64_t GRAIN_BYTES = 128 << 10;      // smallest share of the weight 
 
 float bf16_to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-#ifdef __AVX512F__
+#ifdef GOOSE_AVX512
 
 __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
@@ -50,6 +51,11 @@ inline __m512 load_weights(const float* p, __mmask16 mask) {
 inline __m512 load_weights(const int8_t* p, __mmask16 mask) {
     const __m128i q = mask == 0xFFFF ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(mask, p);
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+}
+inline __m512 load_weights(const at::BFloat16* p, __mmask16 mask) {   // bf16 is the top half of an fp32
+    const __m256i h = mask == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                     : _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // y[m, n + j] = sum_k x[m, k] W[n + j, k] for j < R and m < M (R weight rows, contiguous rows of length K).
@@ -196,13 +202,19 @@ void dispatch_rows(int64_t rows, F&& f) {
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
-    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 2,
-                "goose linear: weight must be a contiguous fp32 [N, K] matrix");
+    const bool bf16 = weight.scalar_type() == at::kBFloat16;
+    TORCH_CHECK((bf16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous() && weight.dim() == 2,
+                "goose linear: weight must be a contiguous fp32 or bf16 [N, K] matrix");
     check_activations(x, weight.size(1));
     auto y = at::empty({x.size(0), weight.size(0)}, x.options());
     dispatch_rows(x.size(0), [&](auto rows) {
-        linear_rows<decltype(rows)::value, float>(x.data_ptr<float>(), weight.data_ptr<float>(), nullptr,
-                                                  weight.size(1), weight.size(0), y.data_ptr<float>());
+        constexpr int M = decltype(rows)::value;
+        if (bf16)
+            linear_rows<M, at::BFloat16>(x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), nullptr,
+                                         weight.size(1), weight.size(0), y.data_ptr<float>());
+        else
+            linear_rows<M, float>(x.data_ptr<float>(), weight.data_ptr<float>(), nullptr, weight.size(1),
+                                  weight.size(0), y.data_ptr<float>());
     });
     return y;
 }
@@ -248,7 +260,7 @@ void matmul_any_rows(const float* x, const float* w, int64_t B, int64_t K, int64
 // dominates, as in libm). sigmoid(x) = 1 / (1 + e^-x), tanh(x) = 1 - 2 / (1 + e^2x).
 enum class Fn { Exp, Sigmoid, Tanh };
 
-#ifdef __AVX512F__
+#ifdef GOOSE_AVX512
 inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
@@ -264,7 +276,7 @@ inline __m512 exp16(__m512 x) {
 template <Fn F>
 void apply(float* x, int64_t n) {
     int64_t i = 0;
-#ifdef __AVX512F__
+#ifdef GOOSE_AVX512
     const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
     for (; i < n; i += 16) {
         const __mmask16 mask = tail_mask(n - i);
@@ -310,7 +322,7 @@ at::Tensor token_mix(const at::Tensor& x, const at::Tensor& shift, at::TensorLis
 
 // sum_j a[j] b[j]
 float dot(const float* a, const float* b, int64_t n) {
-#ifdef __AVX512F__
+#ifdef GOOSE_AVX512
     __m512 acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 mask = tail_mask(n - j);
@@ -328,7 +340,7 @@ float dot(const float* a, const float* b, int64_t n) {
 // One row of the state update, s_new = s * decay + sa * removal + vi * k (s_new may be s), returning s_new . r.
 float update_row(const float* s, float* s_new, const float* decay, float sa, const float* removal, float vi,
                  const float* k, const float* r, int64_t n) {
-#ifdef __AVX512F__
+#ifdef GOOSE_AVX512
     __m512 acc = _mm512_setzero_ps();
     const __m512 sa_v = _mm512_set1_ps(sa), vi_v = _mm512_set1_ps(vi);
     for (int64_t j = 0; j < n; j += 16) {
