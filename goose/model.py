@@ -1,8 +1,10 @@
-"""RWKV-7 "Goose" (x070) as a plain nn.Module: the only place the model's math lives.
+"""RWKV-7 "Goose" (x070) as a plain nn.Module: the definition of the model's math.
 
 Parameter names and shapes are exactly those of official RWKV-LM checkpoints, so an official
 ``.pth`` loads with ``strict=True``. One forward serves every use: decoding is T == 1, prefill and
-training are T > 1 through the chunked WKV kernel; all paths share this code.
+training are T > 1 through the chunked WKV kernel; all paths share this code. The one exception is a
+fast path: on CPU in fp32 without autograd, a decode step's time-mix runs through fused C++ kernels
+(``ops/fused.py``), which tests/test_decode.py holds to this code.
 
     x = LN0(emb[tokens])
     for each block:  x += TimeMix(LN1(x));  x += ChannelMix(LN2(x))
