@@ -1,8 +1,9 @@
 """Native CPU kernels: C++ sources in ``csrc/``, compiled on first use for the CPU they run on.
 
 Each ``csrc/<name>.cpp`` registers ops under ``torch.ops.goose_<name>``. ``load(name)`` builds it once with
-``torch.utils.cpp_extension`` (``-O3 -march=native``, about 10 s) into ``~/.cache/goose/native/<name>-<cpu>``
-(``<cpu>``: a hash of the CPU model and flags; torch rebuilds when the source or flags change) and returns
+``torch.utils.cpp_extension`` (``-O3 -march=native``, about 10 s) into ``~/.cache/goose/native/<name>-<tag>``
+(``<tag>``: a hash of the CPU model and flags, the torch version and the Python environment; torch rebuilds
+when the source or flags change) and returns
 whether the ops are available. Every caller keeps a plain-torch path, used when ``load`` returns False (no
 C++ compiler, a failed build: warned once; ``GOOSE_NATIVE=0`` in the environment) and for what the kernels do
 not cover (other devices and dtypes, autograd).
@@ -24,13 +25,16 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "goose"
 ENABLED = os.environ.get("GOOSE_NATIVE", "") in ("", "1")
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's model and feature flags: -march=native code must not run on another CPU."""
+def _build_tag() -> str:
+    """A short hash of what a build is only valid for: the CPU's model and feature flags (-march=native code
+    must not run on another CPU), the torch version and the Python environment (two venvs sharing the cache
+    would otherwise rebuild the same library in turn, under each other's feet)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
         lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
     except OSError:
         lines = [platform.processor()]
+    lines += [torch.__version__, sys.prefix]
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:8]
 
 
@@ -39,7 +43,7 @@ def load(name: str) -> bool:
     """Build (or reuse) ``csrc/<name>.cpp`` and register its ops; False if native kernels are unavailable."""
     if not ENABLED:
         return False
-    build = CACHE / f"{name}-{_cpu_tag()}"
+    build = CACHE / f"{name}-{_build_tag()}"
     try:
         import ninja   # torch's builder runs `ninja` from PATH: the pip package's, even in an unactivated venv
         from torch.utils import cpp_extension
