@@ -13,11 +13,12 @@ import torch
 
 import goose.model as model_module
 from goose.checkpoint import load
-from goose.ops import fused
+from goose.ops import fused, native
 from goose.quant import quantize
 from goose.state import State
 
 TOL = 1e-5          # fused vs torch fp32 where both read the same rounded inputs (one step)
+pytestmark = pytest.mark.skipif(not native.ENABLED, reason="native kernels turned off (GOOSE_NATIVE=0)")
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_exp.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define GOOSE_AVX512 1
 #include <immintrin.h>
@@ -255,23 +257,10 @@ void matmul_any_rows(const float* x, const float* w, int64_t B, int64_t K, int64
     }
 }
 
-// Elementwise exp, sigmoid and tanh over arrays, vectorised: e^x = 2^n e^r with n = round(x / ln 2) and
-// |r| <= ln(2) / 2, e^r by its Taylor polynomial to degree 7 (truncation < 1e-8 relative: fp32 rounding
-// dominates, as in libm). sigmoid(x) = 1 / (1 + e^-x), tanh(x) = 1 - 2 / (1 + e^2x).
+// Elementwise exp, sigmoid and tanh over arrays, vectorised with vec_exp.h's e^x:
+// sigmoid(x) = 1 / (1 + e^-x), tanh(x) = 1 - 2 / (1 + e^2x).
 enum class Fn { Exp, Sigmoid, Tanh };
 
-#ifdef GOOSE_AVX512
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);      // ln 2, high bits
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);         // ln 2, the rest
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
 
 template <Fn F>
 void apply(float* x, int64_t n) {

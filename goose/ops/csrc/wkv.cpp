@@ -27,6 +27,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "vec_exp.h"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -205,20 +207,6 @@ void multiply_rows(const Target& to, std::initializer_list<Product> product_list
 }
 
 #ifdef __AVX512F__
-// e^x to about 2 ulp: x = n ln2 + f with |f| <= ln2 / 2, e^f by its Taylor polynomial of degree 7
-// (truncation error < 1e-8 relative), then scaled by 2^n.
-__m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);     // ln2 split into an exact high part
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);          // and the rest
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Permute indices for transpose_16x16: kTransposeIndex[stage][half][j], indices >= 16 select from the
 // second row. Stage s swaps bit s of the row index with bit s of the column index, pairing rows i and
 // i | (1 << s): half 0 builds the row with that bit clear, half 1 the row with it set.
@@ -266,29 +254,6 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 #endif
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
-}
-
-// The same e^x as exp16 in plain float and integer operations, which compilers vectorise: 2^n is added to
-// the exponent field (the clamp keeps n in -126 .. 127, where that is exact).
-#pragma omp declare simd notinbranch
-inline float exp_portable(float x) {
-  x = std::min(std::max(x, -87.f), 88.f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  float f = x - n * 0.693145752f;
-  f = f - n * 1.42860677e-6f;
-  float p = 1.f / 5040;
-  p = p * f + 1.f / 720;
-  p = p * f + 1.f / 120;
-  p = p * f + 1.f / 24;
-  p = p * f + 1.f / 6;
-  p = p * f + 1.f / 2;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) * (1 << 23);
-  std::memcpy(&p, &bits, sizeof p);
-  return p;
 }
 
 struct Inputs {
