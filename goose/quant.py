@@ -88,14 +88,12 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if w.dtype == torch.bfloat16 and native_rows(x):
-            return linear(x, w)      # a few fp32 rows (decoding): goose's kernel reads the bf16 weight once
         if w.dtype == torch.float16 and x.device.type == "cpu" and x.numel() > self.in_features:
             # CPUs without fp16 arithmetic run fp16 GEMMs on a slow path (only the matrix-vector one is
             # fast): widen the weight block by block and multiply in fp32 instead
             out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
             return out.to(x.dtype)
-        return linear(x.to(w.dtype), w).to(x.dtype)
+        return linear(x, w)          # in w's dtype; a few fp32 rows against bf16 on the native kernel
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"

@@ -90,13 +90,17 @@ def _native_rows(x: Tensor, w: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ weight.T`` for ``x [..., in]`` and an ``nn.Linear``-layout ``weight [out, in]``.
+    """``x @ weight.T`` for ``x [..., in]`` and an ``nn.Linear``-layout ``weight [out, in]``, in ``x``'s dtype.
 
-    A bf16 ``weight`` with fp32 ``x`` is served by the native kernel only: check ``native_rows(x)`` first."""
+    A weight of another dtype (a bf16 or fp16 weight under fp32 activations) is multiplied in the weight's
+    dtype, ``x`` cast to it and the result back, except where the native kernel takes fp32 rows against a
+    bf16 weight directly (decoding: no rounding of the activations)."""
     rows = _native_rows(x, weight, (torch.float32, torch.bfloat16))
     if rows and weight.is_contiguous():
         out = native.ops("decode").linear(x.reshape(rows, x.shape[-1]).contiguous(), weight)
         return out.view(*x.shape[:-1], weight.shape[0])
+    if x.dtype != weight.dtype:
+        return matmul(x.to(weight.dtype), weight.t()).to(x.dtype)
     return matmul(x, weight.t())
 
 

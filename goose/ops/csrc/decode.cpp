@@ -40,8 +40,6 @@ constexpr int row_block() { return M <= 2 ? 8 : 4; }
 constexpr int64_t COL_BLOCK = 64;               // output columns accumulated together by `matmul`
 constexpr int64_t GRAIN_BYTES = 128 << 10;      // smallest share of the weight worth a thread
 
-float bf16_to_float(at::BFloat16 v) { return static_cast<float>(v); }
-
 #ifdef GOOSE_AVX512
 
 __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
@@ -159,7 +157,7 @@ void linear_rows(const float* x, const W* w, const at::BFloat16* scale, int64_t 
         auto emit = [&](int64_t n, int rows) {
             for (int m = 0; m < M; ++m)
                 for (int j = 0; j < rows; ++j)
-                    y[m * N + n + j] = sums[m * rows + j] * (scale ? bf16_to_float(scale[n + j]) : 1.f);
+                    y[m * N + n + j] = sums[m * rows + j] * (scale ? static_cast<float>(scale[n + j]) : 1.f);
         };
         int64_t n = begin;
         for (; n + R <= end; n += R) {
