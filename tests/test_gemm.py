@@ -37,7 +37,8 @@ def test_native_kernels_build_here():
 @pytest.mark.parametrize("lead", [(), (1,), (3,)])
 @pytest.mark.parametrize("transposed_weight", [False, True])
 def test_every_kernel_equals_torch(rows, lead, transposed_weight):
-    """1-4 rows (x the leading dims) reach the native kernels, more go to oneDNN."""
+    """1-4 rows (x the leading dims) reach the native kernels, up to 16 the many-rows ``linear`` one, more go
+    to oneDNN."""
     x, w = _operands(rows, lead, transposed_weight)
     with torch.no_grad():
         plain = x @ w
@@ -48,10 +49,12 @@ def test_every_kernel_equals_torch(rows, lead, transposed_weight):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1000), (64, 768), (3072, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 14, 16])
+@pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1002), (64, 768), (3072, 64)])
 def test_native_kernels_against_fp64(rows, in_features, out_features):
-    """Every native op (both weight layouts, int8 weights) at shapes with and without vector-width tails."""
+    """Every native op (both weight layouts, int8 weights) at shapes with and without vector-width tails;
+    1-4 rows run the streaming kernels, more the many-rows one (``linear``/``linear_int8`` only): full and
+    partial 4 x 4 tiles, and output counts that are not a multiple of 4."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
     q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
@@ -59,8 +62,10 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     ops = native.ops("decode")
     exact = x.double() @ weight.double().T
     exact_q = x.double() @ (q.double() * scale.double()[:, None]).T
-    for got, want in ((ops.linear(x, weight), exact), (ops.matmul(x, weight.T.contiguous()), exact),
-                      (ops.linear_int8(x, q, scale), exact_q)):
+    cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), exact_q)]
+    if rows <= gemm.NATIVE_MAX_ROWS:
+        cases.append((ops.matmul(x, weight.T.contiguous()), exact))
+    for got, want in cases:
         assert got.shape == want.shape and got.dtype == torch.float32
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5   # fp32 sums of <= 3072 terms
 
@@ -69,7 +74,9 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
 def test_native_kernels_refuse_bad_operands():
     ops = native.ops("decode")
     with pytest.raises(RuntimeError, match="rows"):
-        ops.linear(torch.randn(5, 8), torch.randn(3, 8))                  # more rows than the kernels take
+        ops.matmul(torch.randn(5, 8), torch.randn(8, 3))                  # more rows than the kernels take
+    with pytest.raises(RuntimeError, match="rows"):
+        ops.linear(torch.randn(65, 8), torch.randn(3, 8))
     with pytest.raises(RuntimeError, match="columns"):
         ops.linear(torch.randn(1, 8), torch.randn(3, 9))
     with pytest.raises(RuntimeError, match="fp32"):
@@ -109,13 +116,13 @@ def test_autocast_still_lowers_precision():
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 9, 16])
 def test_native_linear_reads_bf16_weights_with_fp32_activations(rows):
     """The product is exact against the bf16 weight widened to fp32 (no rounding of the activations)."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, 200, generator=g), torch.randn(70, 200, generator=g).bfloat16()
     exact = x.double() @ weight.double().T
-    with torch.no_grad():
-        got = linear(x, weight)
+    with torch.no_grad():     # `linear` sends more rows to torch's bf16 GEMM: the op itself takes any count
+        got = linear(x, weight) if rows <= gemm.NATIVE_MAX_ROWS else native.ops("decode").linear(x, weight)
     assert got.dtype == torch.float32
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vec_exp.h"
@@ -32,12 +33,15 @@
 
 namespace {
 
-constexpr int64_t MAX_ROWS = 4;
+constexpr int64_t MAX_ROWS = 4;          // rows of the streaming matrix-vector kernels
+constexpr int64_t MAX_TILE_ROWS = 64;    // rows of the many-rows kernel (ops/gemm.py uses it up to 16)
 // weight rows streamed together by `linear`: 8 (measured ~10% faster than 4 at one row), 4 when the
 // accumulators of more activation rows would not fit the 32 vector registers
 template <int M>
 constexpr int row_block() { return M <= 2 ? 8 : 4; }
 constexpr int64_t COL_BLOCK = 64;               // output columns accumulated together by `matmul`
+constexpr int64_t PREFETCH_HEADS = 2;           // how far ahead time_mix_step fetches head states
+constexpr int64_t PREFETCH_BLOCKS = 1;          // how far ahead linear_many_rows fetches weight blocks
 constexpr int64_t GRAIN_BYTES = 128 << 10;      // smallest share of the weight worth a thread
 
 #ifdef GOOSE_AVX512
@@ -65,34 +69,74 @@ __attribute__((always_inline)) inline void dot_step(const float* x, const W* w, 
                                                     __m512 (&acc)[M][R]) {
     __m512 wv[R];
 #pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) wv[j] = load_weights(w + j * K + k, mask);
+    for (int j = 0; j < R; ++j) {
+        __m512 v = load_weights(w + j * K + k, mask);
+        // pinned to a register: GCC otherwise folds the load into every FMA that uses it, which with several
+        // activation rows doubles the loads per FMA and halves the arithmetic rate (measured at 16 rows)
+        if constexpr (M > 1) asm("" : "+v"(v));
+        wv[j] = v;
+    }
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+        __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+        if constexpr (R > 1) asm("" : "+v"(xv));
 #pragma GCC unroll 8
         for (int j = 0; j < R; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
     }
 }
 
+// Lane m * 4 + j of the result is the sum of the 16 lanes of acc[m][j]: four rounds of pairwise shuffles and
+// adds (unpack within 128-bit lanes twice, then swap 128-bit lanes twice), ~40% of the instructions that
+// sixteen separate horizontal sums take.
+inline __m512 reduce16(const __m512 (&acc)[4][4]) {
+    __m512 pairs[8], quads[4], halves[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+        const __m512 a = acc[(2 * i) / 4][(2 * i) % 4], b = acc[(2 * i + 1) / 4][(2 * i + 1) % 4];
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i)
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                                  _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
+}
+
 template <int M, int R, typename W>
-void dot_rows(const float* x, const W* w, int64_t K, float* sums /* [M][R] */) {
+void dot_rows(const float* x, const W* w, int64_t K, float* sums /* [M][R] */, const W* ahead = nullptr) {
     __m512 acc[M][R];
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
         for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
     int64_t k = 0;
+    if (ahead)    // one weight row needed later, fetched alongside
+        for (; k + 16 <= K; k += 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + k), _MM_HINT_T0);
+            dot_step<M, R>(x, w, K, k, 0xFFFF, acc);
+        }
     for (; k + 16 <= K; k += 16) dot_step<M, R>(x, w, K, k, 0xFFFF, acc);
     if (k < K) dot_step<M, R>(x, w, K, k, tail_mask(K - k), acc);
+    if constexpr (M == 4 && R == 4) {
+        _mm512_storeu_ps(sums, reduce16(acc));    // the many-rows kernel reads them back as one vector
+        return;
+    }
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
         for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
 
-// y[m, n0:n0+width] = sum_k x[m, k] w[k, n0:n0+width] (w row-major [K, N], width <= COL_BLOCK).
+// y[m, n0:n0+width] += sum_{k0 <= k < k1} x[m, k] w[k, n0:n0+width] (w row-major [K, N], width <= COL_BLOCK).
 template <int M>
-void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t width, float* y) {
+void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0,
+                  int64_t width, float* y) {
     constexpr int V = COL_BLOCK / 16;
     __m512 acc[M][V];
     __mmask16 mask[V];
@@ -101,8 +145,8 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
-        for (int j = 0; j < V; ++j) acc[m][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
+        for (int j = 0; j < V; ++j) acc[m][j] = _mm512_maskz_loadu_ps(mask[j], y + m * N + n0 + 16 * j);
+    for (int64_t k = k0; k < k1; ++k) {
         __m512 wv[V];
 #pragma GCC unroll 4
         for (int j = 0; j < V; ++j) wv[j] = _mm512_maskz_loadu_ps(mask[j], w + k * N + n0 + 16 * j);
@@ -122,7 +166,7 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
 #else  // portable: the compiler vectorises the inner loops
 
 template <int M, int R, typename W>
-void dot_rows(const float* x, const W* w, int64_t K, float* sums) {
+void dot_rows(const float* x, const W* w, int64_t K, float* sums, const W* = nullptr) {
     for (int m = 0; m < M; ++m)
         for (int j = 0; j < R; ++j) {
             float s = 0.f;
@@ -133,15 +177,14 @@ void dot_rows(const float* x, const W* w, int64_t K, float* sums) {
 }
 
 template <int M>
-void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t width, float* y) {
-    float acc[M][COL_BLOCK] = {};
-    for (int64_t k = 0; k < K; ++k)
+void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0,
+                  int64_t width, float* y) {
+    for (int64_t k = k0; k < k1; ++k)
         for (int m = 0; m < M; ++m) {
             const float xv = x[m * K + k];
 #pragma omp simd
-            for (int64_t j = 0; j < width; ++j) acc[m][j] += xv * w[k * N + n0 + j];
+            for (int64_t j = 0; j < width; ++j) y[m * N + n0 + j] += xv * w[k * N + n0 + j];
         }
-    for (int m = 0; m < M; ++m) std::memcpy(y + m * N + n0, acc[m], width * sizeof(float));
 }
 
 #endif
@@ -171,22 +214,35 @@ void linear_rows(const float* x, const W* w, const at::BFloat16* scale, int64_t 
     });
 }
 
+// y[M, N] = x[M, K] @ w[K, N] (the LoRA layout: a few rows against a small weight). Threads split the K rows
+// of w, so each streams a contiguous part of it (splitting the columns instead would stride through every
+// row, which reads LoRA weights from DRAM at a fraction of the bandwidth), accumulating its partial product
+// in its own small buffer, summed at the end.
 template <int M>
-void matmul_columns(const float* x, const float* w, int64_t K, int64_t N, float* y) {
-    const int64_t blocks = (N + COL_BLOCK - 1) / COL_BLOCK;
-    const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (K * COL_BLOCK * int64_t(sizeof(float))));
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-            const int64_t n0 = b * COL_BLOCK;
-            axpy_columns<M>(x, w, K, N, n0, std::min(COL_BLOCK, N - n0), y);
-        }
+void matmul_split_k(const float* x, const float* w, int64_t K, int64_t N, float* y) {
+    const int threads = at::get_num_threads();
+    if (threads == 1 || at::in_parallel_region()) {   // one thread does it all: no partial products
+        std::fill(y, y + M * N, 0.f);
+        for (int64_t n0 = 0; n0 < N; n0 += COL_BLOCK)
+            axpy_columns<M>(x, w, K, N, 0, K, n0, std::min(COL_BLOCK, N - n0), y);
+        return;
+    }
+    std::vector<float> partial(int64_t(threads) * M * N, 0.f);
+    at::parallel_for(0, K, std::max<int64_t>(1, GRAIN_BYTES / (N * int64_t(sizeof(float)))), [&](int64_t begin, int64_t end) {
+        float* acc = partial.data() + int64_t(at::get_thread_num()) * M * N;
+        for (int64_t n0 = 0; n0 < N; n0 += COL_BLOCK)
+            axpy_columns<M>(x, w, K, N, begin, end, n0, std::min(COL_BLOCK, N - n0), acc);
     });
+    std::copy(partial.begin(), partial.begin() + M * N, y);
+    for (int t = 1; t < threads; ++t)
+#pragma omp simd
+        for (int64_t i = 0; i < M * N; ++i) y[i] += partial[int64_t(t) * M * N + i];
 }
 
-void check_activations(const at::Tensor& x, int64_t K) {
+void check_activations(const at::Tensor& x, int64_t K, int64_t max_rows = MAX_ROWS) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
                 "goose gemv: x must be a contiguous fp32 CPU matrix [M, K]");
-    TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_ROWS, "goose gemv: 1 to ", MAX_ROWS, " rows, got ", x.size(0));
+    TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "goose gemv: 1 to ", max_rows, " rows, got ", x.size(0));
     TORCH_CHECK(x.size(1) == K, "goose gemv: x has ", x.size(1), " columns, the weight expects ", K);
 }
 
@@ -201,12 +257,91 @@ void dispatch_rows(int64_t rows, F&& f) {
     }
 }
 
+// Weight values as fp32 (bf16 and int8 weights, for the many-rows kernel, which reuses each row).
+template <typename W>
+void widen(const W* w, int64_t n, float* out) {
+#ifdef GOOSE_AVX512
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = tail_mask(n - i);
+        _mm512_mask_storeu_ps(out + i, mask, load_weights(w + i, mask));
+    }
+#else
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(w[i]);
+#endif
+}
+
+// y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given, for more rows than MAX_ROWS (batched
+// decode). Arithmetic now outweighs the weight's memory traffic, so the weight is taken 4 rows at a time
+// (widened to fp32 once if stored narrower) and every group of 4 activation rows passes over that block
+// while it sits in L1: a 4 x 4 tile of dot products per step, reduced together at the end (reduce16).
+template <typename W>
+void linear_many_rows(const float* x, int64_t M, const W* w, const at::BFloat16* scale, int64_t K, int64_t N,
+                      float* y) {
+    constexpr int R = 4;
+    const int64_t grain = std::max<int64_t>(1, grain_rows(K * sizeof(W)) / R);
+    at::parallel_for(0, (N + R - 1) / R, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> widened(std::is_same_v<W, float> ? 0 : R * K);
+        float sums[4 * R];
+        for (int64_t block = begin; block < end; ++block) {
+            const int64_t n = block * R;
+            const int rows = static_cast<int>(std::min<int64_t>(R, N - n));
+            const float* wf = nullptr;
+            if constexpr (std::is_same_v<W, float>) {
+                wf = w + n * K;
+            } else {
+                widen(w + n * K, rows * K, widened.data());
+                wf = widened.data();
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                dispatch_rows(std::min<int64_t>(4, M - m0), [&](auto group) {
+                    constexpr int G = decltype(group)::value;
+                    for (int j0 = 0; j0 < rows; j0 += (rows == R ? R : 1)) {
+                        const int width = rows == R ? R : 1;
+                        // the row of a block PREFETCH_BLOCKS ahead that this group fetches (one row per group)
+                        const int64_t ahead_row = n + PREFETCH_BLOCKS * R + (m0 / 4) % R;
+                        const float* ahead = nullptr;
+                        if constexpr (std::is_same_v<W, float>) ahead = ahead_row < N ? w + ahead_row * K : nullptr;
+                        if (width == R) dot_rows<G, R>(x + m0 * K, wf, K, sums, ahead);
+                        else dot_rows<G, 1>(x + m0 * K, wf + j0 * K, K, sums);
+#ifdef GOOSE_AVX512
+                        if (G == 4 && width == R) {   // the full tile: one vector, row m in 128-bit lane m
+                            __m512 tile = _mm512_loadu_ps(sums);
+                            if (scale) tile = _mm512_mul_ps(tile, _mm512_broadcast_f32x4(_mm_castsi128_ps(
+                                _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(
+                                    reinterpret_cast<const __m128i*>(scale + n))), 16))));
+                            _mm_storeu_ps(y + (m0 + 0) * N + n, _mm512_extractf32x4_ps(tile, 0));
+                            _mm_storeu_ps(y + (m0 + 1) * N + n, _mm512_extractf32x4_ps(tile, 1));
+                            _mm_storeu_ps(y + (m0 + 2) * N + n, _mm512_extractf32x4_ps(tile, 2));
+                            _mm_storeu_ps(y + (m0 + 3) * N + n, _mm512_extractf32x4_ps(tile, 3));
+                            continue;
+                        }
+#endif
+                        for (int m = 0; m < G; ++m)
+                            for (int j = 0; j < width; ++j)
+                                y[(m0 + m) * N + n + j0 + j] =
+                                    sums[m * width + j] * (scale ? static_cast<float>(scale[n + j0 + j]) : 1.f);
+                    }
+                });
+            }
+        }
+    });
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
     const bool bf16 = weight.scalar_type() == at::kBFloat16;
     TORCH_CHECK((bf16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous() && weight.dim() == 2,
                 "goose linear: weight must be a contiguous fp32 or bf16 [N, K] matrix");
-    check_activations(x, weight.size(1));
+    check_activations(x, weight.size(1), MAX_TILE_ROWS);
     auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+    if (x.size(0) > MAX_ROWS) {
+        if (bf16)
+            linear_many_rows(x.data_ptr<float>(), x.size(0), weight.data_ptr<at::BFloat16>(), nullptr,
+                             weight.size(1), weight.size(0), y.data_ptr<float>());
+        else
+            linear_many_rows(x.data_ptr<float>(), x.size(0), weight.data_ptr<float>(), nullptr, weight.size(1),
+                             weight.size(0), y.data_ptr<float>());
+        return y;
+    }
     dispatch_rows(x.size(0), [&](auto rows) {
         constexpr int M = decltype(rows)::value;
         if (bf16)
@@ -225,7 +360,7 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w) {
     check_activations(x, w.size(0));
     auto y = at::empty({x.size(0), w.size(1)}, x.options());
     dispatch_rows(x.size(0), [&](auto rows) {
-        matmul_columns<decltype(rows)::value>(x.data_ptr<float>(), w.data_ptr<float>(), w.size(0), w.size(1),
+        matmul_split_k<decltype(rows)::value>(x.data_ptr<float>(), w.data_ptr<float>(), w.size(0), w.size(1),
                                               y.data_ptr<float>());
     });
     return y;
@@ -236,8 +371,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
                 "goose linear_int8: q must be a contiguous int8 [N, K] matrix");
     TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == q.size(0),
                 "goose linear_int8: scale must be bf16 [N]");
-    check_activations(x, q.size(1));
+    check_activations(x, q.size(1), MAX_TILE_ROWS);
     auto y = at::empty({x.size(0), q.size(0)}, x.options());
+    if (x.size(0) > MAX_ROWS) {
+        linear_many_rows(x.data_ptr<float>(), x.size(0), q.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(),
+                         q.size(1), q.size(0), y.data_ptr<float>());
+        return y;
+    }
     dispatch_rows(x.size(0), [&](auto rows) {
         linear_rows<decltype(rows)::value, int8_t>(x.data_ptr<float>(), q.data_ptr<int8_t>(),
                                                    scale.data_ptr<at::BFloat16>(), q.size(1), q.size(0),
@@ -250,7 +390,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 void matmul_any_rows(const float* x, const float* w, int64_t B, int64_t K, int64_t N, float* y) {
     for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS) {
         dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
-            matmul_columns<decltype(rows)::value>(x + b0 * K, w, K, N, y + b0 * N);
+            matmul_split_k<decltype(rows)::value>(x + b0 * K, w, K, N, y + b0 * N);
         });
     }
 }
@@ -353,14 +493,20 @@ float update_row(const float* s, float* s_new, const float* decay, float sa, con
 // value index) with a = -kk, b = kk * iclr, then GroupNorm of S r, the bonus (r . (k * r_k)) v and the gate.
 void head_step(const float* S, float* S_new, const float* r, const float* decay, const float* k, const float* v,
                float* kk, const float* iclr, const float* gate, const float* r_k, const float* ln_w, const float* ln_b,
-               float eps, int64_t N, float* y, float* scratch /* 2 N */) {
+               float eps, int64_t N, float* y, float* scratch /* 2 N */, const float* S_ahead) {
     const float inv = 1.f / std::max(std::sqrt(dot(kk, kk, N)), 1e-12f);
     float *removal = scratch, *sa = scratch + N;
     for (int64_t j = 0; j < N; ++j) {
         kk[j] *= inv;
         removal[j] = kk[j] * iclr[j];
     }
-    for (int64_t i = 0; i < N; ++i) sa[i] = -dot(S + i * N, kk, N);   // S a, from the old state
+    for (int64_t i = 0; i < N; ++i) {
+        // a batch's states stream from DRAM: fetching a later head's state meanwhile keeps the reads going
+        // (measured at batch 16: ~2x the state bandwidth of the hardware prefetcher alone)
+        if (S_ahead)
+            for (int64_t j = 0; j < N; j += 16) __builtin_prefetch(S_ahead + i * N + j, 1);
+        sa[i] = -dot(S + i * N, kk, N);                                  // S a, from the old state
+    }
     float mean = 0.f;
     for (int64_t i = 0; i < N; ++i) {
         y[i] = update_row(S + i * N, S_new + i * N, decay, sa[i], removal, v[i], k, r, N);
@@ -406,48 +552,61 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
     auto a = at::empty({B, C}, r.options()), kk = at::empty({B, C}, r.options());
     float *kp = f(k), *vp = f(v), *gp = f(g), *wp = f(decay), *ap = f(a), *kkp = f(kk);
     const int64_t max_rank = std::max({p[W1].size(1), p[A1].size(1), p[V1].size(1), p[G1].size(1)});
-    std::vector<float> hidden(B * max_rank);
-
-    // the LoRAs: decay (tanh), gate (sigmoid inside), in-context learning rate, value residual
-    matmul_any_rows(xw, f(p[W1]), B, C, p[W1].size(1), hidden.data());
-    apply<Fn::Tanh>(hidden.data(), B * p[W1].size(1));
-    matmul_any_rows(hidden.data(), f(p[W2]), B, p[W1].size(1), C, wp);
-    add_bias(wp, f(p[W0]), B, C);
-    apply<Fn::Sigmoid>(wp, B * C);
-    for (int64_t i = 0; i < B * C; ++i) wp[i] *= float(log_decay_floor);
-    apply<Fn::Exp>(wp, B * C);                                                   // the decay itself
-    matmul_any_rows(xg, f(p[G1]), B, C, p[G1].size(1), hidden.data());
-    apply<Fn::Sigmoid>(hidden.data(), B * p[G1].size(1));
-    matmul_any_rows(hidden.data(), f(p[G2]), B, p[G1].size(1), C, gp);
-    if (iclr) {
-        matmul_any_rows(xa, f(p[A1]), B, C, p[A1].size(1), hidden.data());
-        matmul_any_rows(hidden.data(), f(p[A2]), B, p[A1].size(1), C, ap);
-        add_bias(ap, f(p[A0]), B, C);
-        apply<Fn::Sigmoid>(ap, B * C);
-    } else {
-        std::fill(ap, ap + B * C, 0.f);
-    }
+    const float* vf = nullptr;
     if (v_first) {
         TORCH_CHECK(v_first->scalar_type() == at::kFloat && v_first->is_contiguous() && v_first->numel() == B * C,
                     "goose time_mix_step: v_first must be contiguous fp32 [B, C]");
-        const float* vf = v_first->data_ptr<float>();
-        std::vector<float> mix(B * C);
-        matmul_any_rows(xv, f(p[V1]), B, C, p[V1].size(1), hidden.data());
-        matmul_any_rows(hidden.data(), f(p[V2]), B, p[V1].size(1), C, mix.data());
-        add_bias(mix.data(), f(p[V0]), B, C);
-        apply<Fn::Sigmoid>(mix.data(), B * C);
-#pragma omp simd
-        for (int64_t i = 0; i < B * C; ++i) vp[i] += (vf[i] - vp[i]) * mix[i];
+        vf = v_first->data_ptr<float>();
     }
-
     const float *k_k = f(p[K_K]), *k_a = f(p[K_A]);
-    for (int64_t b = 0; b < B; ++b)
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = b * C + c;
-            kkp[i] = kp[i] * k_k[c];
-            if (iclr) kp[i] *= 1.f + (ap[i] - 1.f) * k_a[c];
+
+    // Rows b0 .. b1 of everything before the heads: the LoRAs (decay with its tanh, gate with a sigmoid
+    // inside, in-context learning rate, value residual) and the keys. Independent per sequence.
+    auto rows_step = [&](int64_t b0, int64_t b1) {
+        const int64_t n = b1 - b0, o = b0 * C;
+        float *w_ = wp + o, *g_ = gp + o, *a_ = ap + o, *k_ = kp + o, *v_ = vp + o, *kk_ = kkp + o;
+        std::vector<float> hidden(n * max_rank);
+        auto lora = [&](const float* x, Param down, Param up, float* out) {
+            matmul_any_rows(x + o, f(p[down]), n, C, p[down].size(1), hidden.data());
+            if (down == W1) apply<Fn::Tanh>(hidden.data(), n * p[W1].size(1));
+            if (down == G1) apply<Fn::Sigmoid>(hidden.data(), n * p[G1].size(1));
+            matmul_any_rows(hidden.data(), f(p[up]), n, p[down].size(1), C, out);
+        };
+        lora(xw, W1, W2, w_);
+        add_bias(w_, f(p[W0]), n, C);
+        apply<Fn::Sigmoid>(w_, n * C);
+        for (int64_t i = 0; i < n * C; ++i) w_[i] *= float(log_decay_floor);
+        apply<Fn::Exp>(w_, n * C);                                                   // the decay itself
+        lora(xg, G1, G2, g_);
+        if (iclr) {
+            lora(xa, A1, A2, a_);
+            add_bias(a_, f(p[A0]), n, C);
+            apply<Fn::Sigmoid>(a_, n * C);
+        } else {
+            std::fill(a_, a_ + n * C, 0.f);
         }
+        if (vf) {
+            std::vector<float> mix(n * C);
+            lora(xv, V1, V2, mix.data());
+            add_bias(mix.data(), f(p[V0]), n, C);
+            apply<Fn::Sigmoid>(mix.data(), n * C);
+#pragma omp simd
+            for (int64_t i = 0; i < n * C; ++i) v_[i] += (vf[o + i] - v_[i]) * mix[i];
+        }
+        for (int64_t b = 0; b < n; ++b)
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                const int64_t i = b * C + c;
+                kk_[i] = k_[i] * k_k[c];
+                if (iclr) k_[i] *= 1.f + (a_[i] - 1.f) * k_a[c];
+            }
+    };
+    // a batch gives each thread whole sequences (the products inside then run serially); a single sequence
+    // splits the products' columns across threads instead
+    if (B == 1)
+        rows_step(0, 1);
+    else
+        at::parallel_for(0, B, 1, rows_step);
 
     auto y = at::empty({B, C}, r.options());
     const float *rp = f(r), *rk = f(p[R_K]), *ln_w = f(p[LN_W]), *ln_b = f(p[LN_B]), *s_in = f(state);
@@ -458,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
             const int64_t off = bh * N, h = bh % H;
             head_step(s_in + bh * N * N, s_out + bh * N * N, rp + off, wp + off, kp + off, vp + off, kkp + off,
                       ap + off, gp + off, rk + h * N, ln_w + h * N, ln_b + h * N, float(eps), N, yp + off,
-                      scratch.data());
+                      scratch.data(), bh + PREFETCH_HEADS < end ? s_in + (bh + PREFETCH_HEADS) * N * N : nullptr);
         }
     });
     return {y, v};
