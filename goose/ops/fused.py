@@ -1,10 +1,11 @@
 """Fused one-token kernels (``csrc/decode.cpp``): RWKV-7's small per-layer operations in two calls.
 
-A decode step at batch 1 spends as much time launching ~80 tiny torch operations per layer (lerps, LoRAs,
-activations, the WKV update, GroupNorm) as reading weights. ``token_mix`` and ``time_mix_step`` do that work
-in one pass each; the projections between them stay ordinary modules (so every weight format works). The
-model uses them only where they apply (``available``): fp32 on CPU, no autograd, kernels built. The torch
-code in ``goose/model.py`` stays the definition; tests/test_decode.py checks the two agree.
+A decode step at batch 1 spends as much time launching ~80 tiny torch operations per layer (LayerNorms,
+lerps, LoRAs, activations, the WKV update, GroupNorm) as reading weights. ``token_mix`` (with the LayerNorm
+before it and the shift-state update) and ``time_mix_step`` do that work in one pass each; the projections
+between them stay ordinary modules (so every weight format works). The model uses them only where they
+apply (``available``): fp32 on CPU, no autograd, kernels built. The torch code in ``goose/model.py`` stays
+the definition; tests/test_decode.py checks the two agree.
 """
 from __future__ import annotations
 
@@ -25,9 +26,15 @@ def available(x: Tensor, module: nn.Module) -> bool:
     return native.load("decode")
 
 
-def token_mix(x: Tensor, shift: Tensor, coefs: Sequence[Tensor]) -> Tensor:
-    """``[x + (shift - x) * c for c in coefs]`` stacked: ``[len(coefs), B, C]`` for ``x``, ``shift`` ``[B, C]``."""
-    return native.ops("decode").token_mix(x.contiguous(), shift.contiguous(), list(coefs))
+def token_mix(x: Tensor, shift: Tensor, coefs: Sequence[Tensor], norm: nn.LayerNorm | None = None,
+              new_shift: Tensor | None = None) -> Tensor:
+    """``[x + (shift - x) * c for c in coefs]`` stacked: ``[len(coefs), B, C]`` for ``x``, ``shift`` ``[B, C]``.
+
+    With ``norm``, ``x`` is first replaced by ``norm(x)``; ``new_shift`` (may be ``shift``) receives that
+    ``x``, the next token's shift."""
+    weight, bias, eps = (norm.weight, norm.bias, norm.eps) if norm is not None else (None, None, 0.0)
+    return native.ops("decode").token_mix(x.contiguous(), shift.contiguous(), list(coefs), weight, bias, eps,
+                                          new_shift)
 
 
 def time_mix_step(r: Tensor, k: Tensor, v: Tensor, mixed: Tensor, params: Sequence[Tensor], state: Tensor,

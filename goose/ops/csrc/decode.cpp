@@ -13,7 +13,8 @@
 // (auto-vectorised) elsewhere.
 //
 // The small operations of an RWKV-7 step, fused (each is a few dozen tiny torch ops otherwise):
-//   token_mix(x, shift, coefs)   = [x + (shift - x) * c for c in coefs]         (the token-shift lerps)
+//   token_mix(x, shift, coefs, ...) = [x + (shift - x) * c for c in coefs]      (the token-shift lerps,
+//                                                                                optionally after a LayerNorm)
 //   time_mix_step(...)           = TimeMix between its r/k/v projections and the output projection
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -429,20 +430,50 @@ void add_bias(float* x, const float* bias, int64_t B, int64_t C) {
         for (int64_t c = 0; c < C; ++c) x[b * C + c] += bias[c];
 }
 
-at::Tensor token_mix(const at::Tensor& x, const at::Tensor& shift, at::TensorList coefs) {
+// The token-shift lerps of one token, optionally after a LayerNorm of it: with xn = LayerNorm(x) (or x if no
+// LayerNorm weights are given), out[i] = xn + (shift - xn) * coefs[i] for x, shift [B, C]; xn is also written
+// to new_shift if given (the next token's shift; may be `shift` itself: each element is read first).
+at::Tensor token_mix(const at::Tensor& x, const at::Tensor& shift, at::TensorList coefs,
+                     const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, double eps,
+                     const c10::optional<at::Tensor>& new_shift) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && shift.is_contiguous() &&
                 shift.sizes() == x.sizes(), "goose token_mix: x and shift must be contiguous fp32 [B, C]");
     const int64_t C = x.size(-1), B = x.numel() / C;
+    for (const auto& c : coefs)
+        TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == C,
+                    "goose token_mix: every coefficient must be contiguous fp32 with C values");
+    TORCH_CHECK(ln_weight.has_value() == ln_bias.has_value(), "goose token_mix: LayerNorm needs weight and bias");
+    for (const auto* t : {&ln_weight, &ln_bias, &new_shift})
+        TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+                                         (*t)->numel() == ((t == &new_shift) ? B * C : C)),
+                    "goose token_mix: LayerNorm weights [C] and new_shift [B, C] must be contiguous fp32");
     auto out = at::empty({int64_t(coefs.size()), B, C}, x.options());
     const float *xp = x.data_ptr<float>(), *sp = shift.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    for (size_t i = 0; i < coefs.size(); ++i) {
-        TORCH_CHECK(coefs[i].scalar_type() == at::kFloat && coefs[i].is_contiguous() && coefs[i].numel() == C,
-                    "goose token_mix: every coefficient must be contiguous fp32 with C values");
-        const float* cp = coefs[i].data_ptr<float>();
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t c = 0; c < C; ++c)
-                op[(i * B + b) * C + c] = xp[b * C + c] + (sp[b * C + c] - xp[b * C + c]) * cp[c];
+    const float *lw = ln_weight ? ln_weight->data_ptr<float>() : nullptr, *lb = ln_bias ? ln_bias->data_ptr<float>() : nullptr;
+    float *op = out.data_ptr<float>(), *np = new_shift ? new_shift->data_ptr<float>() : nullptr;
+    std::vector<float> xn(C);
+    for (int64_t b = 0; b < B; ++b) {
+        const float* row = xp + b * C;
+        if (lw) {
+            float mean = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mean)
+            for (int64_t c = 0; c < C; ++c) mean += row[c];
+            mean /= C;
+#pragma omp simd reduction(+ : var)
+            for (int64_t c = 0; c < C; ++c) var += (row[c] - mean) * (row[c] - mean);
+            const float rstd = 1.f / std::sqrt(var / C + float(eps));
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) xn[c] = (row[c] - mean) * rstd * lw[c] + lb[c];
+        } else {
+            std::copy(row, row + C, xn.begin());
+        }
+        for (size_t i = 0; i < coefs.size(); ++i) {
+            const float* cp = coefs[i].data_ptr<float>();
+            float* o = op + (int64_t(i) * B + b) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = xn[c] + (sp[b * C + c] - xn[c]) * cp[c];
+        }
+        if (np) std::copy(xn.begin(), xn.end(), np + b * C);
     }
     return out;
 }
@@ -629,7 +660,8 @@ TORCH_LIBRARY(goose_decode, m) {
     m.def("linear(Tensor x, Tensor weight) -> Tensor", &linear);
     m.def("matmul(Tensor x, Tensor w) -> Tensor", &matmul);
     m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8);
-    m.def("token_mix(Tensor x, Tensor shift, Tensor[] coefs) -> Tensor", &token_mix);
+    m.def("token_mix(Tensor x, Tensor shift, Tensor[] coefs, Tensor? ln_weight, Tensor? ln_bias, float eps, "
+          "Tensor(a!)? new_shift) -> Tensor", &token_mix);
     m.def("time_mix_step(Tensor r, Tensor k, Tensor v, Tensor mixed, Tensor[] params, Tensor state, "
           "Tensor(a!) out_state, Tensor? v_first, float log_decay_floor, bool iclr, float eps) -> (Tensor, Tensor)",
           &time_mix_step);
