@@ -27,6 +27,10 @@
 
 #include "vec_exp.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define GOOSE_AVX512 1
 #include <immintrin.h>
@@ -387,15 +391,6 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     return y;
 }
 
-// y[B, N] = x[B, K] @ w[K, N] for any B (in blocks of MAX_ROWS rows).
-void matmul_any_rows(const float* x, const float* w, int64_t B, int64_t K, int64_t N, float* y) {
-    for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS) {
-        dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
-            matmul_split_k<decltype(rows)::value>(x + b0 * K, w, K, N, y + b0 * N);
-        });
-    }
-}
-
 // Elementwise exp, sigmoid and tanh over arrays, vectorised with vec_exp.h's e^x:
 // sigmoid(x) = 1 / (1 + e^-x), tanh(x) = 1 - 2 / (1 + e^2x).
 enum class Fn { Exp, Sigmoid, Tanh };
@@ -580,77 +575,107 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
 
     auto k = k_in.clone(), v = v_in.clone();
     auto g = at::empty({B, C}, r.options()), decay = at::empty({B, C}, r.options());
-    auto a = at::empty({B, C}, r.options()), kk = at::empty({B, C}, r.options());
-    float *kp = f(k), *vp = f(v), *gp = f(g), *wp = f(decay), *ap = f(a), *kkp = f(kk);
-    const int64_t max_rank = std::max({p[W1].size(1), p[A1].size(1), p[V1].size(1), p[G1].size(1)});
+    auto a = at::empty({B, C}, r.options()), kk = at::empty({B, C}, r.options()), y = at::empty({B, C}, r.options());
+    float *kp = f(k), *vp = f(v), *gp = f(g), *wp = f(decay), *ap = f(a), *kkp = f(kk), *yp = f(y);
     const float* vf = nullptr;
     if (v_first) {
         TORCH_CHECK(v_first->scalar_type() == at::kFloat && v_first->is_contiguous() && v_first->numel() == B * C,
                     "goose time_mix_step: v_first must be contiguous fp32 [B, C]");
         vf = v_first->data_ptr<float>();
     }
-    const float *k_k = f(p[K_K]), *k_a = f(p[K_A]);
+    std::vector<float> value_mix(vf ? B * C : 0);
 
-    // Rows b0 .. b1 of everything before the heads: the LoRAs (decay with its tanh, gate with a sigmoid
-    // inside, in-context learning rate, value residual) and the keys. Independent per sequence.
-    auto rows_step = [&](int64_t b0, int64_t b1) {
-        const int64_t n = b1 - b0, o = b0 * C;
-        float *w_ = wp + o, *g_ = gp + o, *a_ = ap + o, *k_ = kp + o, *v_ = vp + o, *kk_ = kkp + o;
-        std::vector<float> hidden(n * max_rank);
-        auto lora = [&](const float* x, Param down, Param up, float* out) {
-            matmul_any_rows(x + o, f(p[down]), n, C, p[down].size(1), hidden.data());
-            if (down == W1) apply<Fn::Tanh>(hidden.data(), n * p[W1].size(1));
-            if (down == G1) apply<Fn::Sigmoid>(hidden.data(), n * p[G1].size(1));
-            matmul_any_rows(hidden.data(), f(p[up]), n, p[down].size(1), C, out);
-        };
-        lora(xw, W1, W2, w_);
-        add_bias(w_, f(p[W0]), n, C);
-        apply<Fn::Sigmoid>(w_, n * C);
-        for (int64_t i = 0; i < n * C; ++i) w_[i] *= float(log_decay_floor);
-        apply<Fn::Exp>(w_, n * C);                                                   // the decay itself
-        lora(xg, G1, G2, g_);
-        if (iclr) {
-            lora(xa, A1, A2, a_);
-            add_bias(a_, f(p[A0]), n, C);
-            apply<Fn::Sigmoid>(a_, n * C);
-        } else {
-            std::fill(a_, a_ + n * C, 0.f);
-        }
-        if (vf) {
-            std::vector<float> mix(n * C);
-            lora(xv, V1, V2, mix.data());
-            add_bias(mix.data(), f(p[V0]), n, C);
-            apply<Fn::Sigmoid>(mix.data(), n * C);
-#pragma omp simd
-            for (int64_t i = 0; i < n * C; ++i) v_[i] += (vf[o + i] - v_[i]) * mix[i];
-        }
-        for (int64_t b = 0; b < n; ++b)
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                const int64_t i = b * C + c;
-                kk_[i] = k_[i] * k_k[c];
-                if (iclr) k_[i] *= 1.f + (a_[i] - 1.f) * k_a[c];
-            }
-    };
-    // a batch gives each thread whole sequences (the products inside then run serially); a single sequence
-    // splits the products' columns across threads instead
-    if (B == 1)
-        rows_step(0, 1);
-    else
-        at::parallel_for(0, B, 1, rows_step);
-
-    auto y = at::empty({B, C}, r.options());
+    // the LoRAs: out = bias + act(x @ down) @ up; their hidden activations lie side by side ([B, rank] each)
+    struct Lora { const float* x; Param down, up; const float* bias; float* out; int64_t rank = 0, offset = 0; };
+    std::vector<Lora> loras = {{xw, W1, W2, f(p[W0]), wp}, {xg, G1, G2, nullptr, gp}};   // decay (tanh), gate (sigmoid)
+    if (iclr) loras.push_back({xa, A1, A2, f(p[A0]), ap});                                 // in-context learning rate
+    if (vf) loras.push_back({xv, V1, V2, f(p[V0]), value_mix.data()});                    // value residual
+    int64_t hidden_size = 0;
+    for (auto& l : loras) {
+        l.rank = p[l.down].size(1);
+        l.offset = hidden_size;
+        hidden_size += B * l.rank;
+    }
+    const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    std::vector<float> partial(int64_t(threads) * hidden_size, 0.f);
     const float *rp = f(r), *rk = f(p[R_K]), *ln_w = f(p[LN_W]), *ln_b = f(p[LN_B]), *s_in = f(state);
-    float *yp = f(y), *s_out = f(out_state);
-    at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
+    const float *k_k = f(p[K_K]), *k_a = f(p[K_A]);
+    float* s_out = f(out_state);
+
+    // One parallel region, one barrier: the threads split the rows of the down-projections (each streams
+    // a contiguous part of those weights), then each takes whole heads: the up-projections' columns of its
+    // heads, the activations and keys there, and the heads' WKV steps, for every sequence.
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int t = 0, T = 1;
+#endif
+        const int64_t k0 = C * t / T, k1 = C * (t + 1) / T;
+        float* mine = partial.data() + int64_t(t) * hidden_size;
+        for (const auto& l : loras)
+            for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS)
+                dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
+                    for (int64_t n0 = 0; n0 < l.rank; n0 += COL_BLOCK)
+                        axpy_columns<decltype(rows)::value>(l.x + b0 * C, f(p[l.down]), C, l.rank, k0, k1, n0,
+                                                            std::min(COL_BLOCK, l.rank - n0),
+                                                            mine + l.offset + b0 * l.rank);
+                });
+#pragma omp barrier
+        // every thread sums the partial products itself (a few hundred values each)
+        std::vector<float> hidden(hidden_size, 0.f);
+        for (int u = 0; u < threads; ++u)
+#pragma omp simd
+            for (int64_t i = 0; i < hidden_size; ++i) hidden[i] += partial[u * hidden_size + i];
+        apply<Fn::Tanh>(hidden.data() + loras[0].offset, B * loras[0].rank);
+        apply<Fn::Sigmoid>(hidden.data() + loras[1].offset, B * loras[1].rank);
+
+        const int64_t h0 = H * t / T, h1 = H * (t + 1) / T, c0 = h0 * N, width = (h1 - h0) * N;
+        for (const auto& l : loras) {
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t c = c0; c < c0 + width; ++c) l.out[b * C + c] = l.bias ? l.bias[c] : 0.f;
+            for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS)
+                dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
+                    for (int64_t n0 = c0; n0 < c0 + width; n0 += COL_BLOCK)
+                        axpy_columns<decltype(rows)::value>(hidden.data() + l.offset + b0 * l.rank, f(p[l.up]), l.rank,
+                                                            C, 0, l.rank, n0, std::min(COL_BLOCK, c0 + width - n0),
+                                                            l.out + b0 * C);
+                });
+        }
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t o = b * C + c0;
+            float *w_ = wp + o, *a_ = ap + o, *k_ = kp + o, *v_ = vp + o, *kk_ = kkp + o;
+            apply<Fn::Sigmoid>(w_, width);
+            for (int64_t i = 0; i < width; ++i) w_[i] *= float(log_decay_floor);
+            apply<Fn::Exp>(w_, width);                                                   // the decay itself
+            if (iclr)
+                apply<Fn::Sigmoid>(a_, width);
+            else
+                std::fill(a_, a_ + width, 0.f);
+            if (vf) {
+                float* mix = value_mix.data() + o;
+                apply<Fn::Sigmoid>(mix, width);
+#pragma omp simd
+                for (int64_t i = 0; i < width; ++i) v_[i] += (vf[o + i] - v_[i]) * mix[i];
+            }
+#pragma omp simd
+            for (int64_t i = 0; i < width; ++i) {
+                kk_[i] = k_[i] * k_k[c0 + i];
+                if (iclr) k_[i] *= 1.f + (a_[i] - 1.f) * k_a[c0 + i];
+            }
+        }
         std::vector<float> scratch(2 * N);
-        for (int64_t bh = begin; bh < end; ++bh) {
-            const int64_t off = bh * N, h = bh % H;
+        const int64_t mine_heads = h1 - h0, jobs = B * mine_heads;
+        auto head_index = [&](int64_t j) { return (j / mine_heads) * H + h0 + j % mine_heads; };
+        for (int64_t j = 0; j < jobs; ++j) {
+            const int64_t bh = head_index(j), off = bh * N, h = bh % H;
+            const float* ahead = j + PREFETCH_HEADS < jobs ? s_in + head_index(j + PREFETCH_HEADS) * N * N : nullptr;
             head_step(s_in + bh * N * N, s_out + bh * N * N, rp + off, wp + off, kp + off, vp + off, kkp + off,
                       ap + off, gp + off, rk + h * N, ln_w + h * N, ln_b + h * N, float(eps), N, yp + off,
-                      scratch.data(), bh + PREFETCH_HEADS < end ? s_in + (bh + PREFETCH_HEADS) * N * N : nullptr);
+                      scratch.data(), ahead);
         }
-    });
+    }
     return {y, v};
 }
 
