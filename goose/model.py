@@ -220,7 +220,7 @@ class Block(nn.Module):
         mixed = fused.token_mix(x, state.att_shift[i], self.att.mix_coefs(), self.ln1, new_state.att_shift[i])
         out, v_first = self.att.fused_mix(mixed, state.wkv[i], new_state.wkv[i], v_first)
         x = x + out
-        xk = fused.token_mix(x, state.ffn_shift[i], (self.ffn.x_k,), self.ln2, new_state.ffn_shift[i])[0]
+        xk = fused.token_mix(x, state.ffn_shift[i], [self.ffn.x_k], self.ln2, new_state.ffn_shift[i])[0]
         return x + self.ffn.mix(xk), v_first
 
 

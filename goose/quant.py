@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .checkpoint import own_copy
 from .ops import linear, native, native_rows
-from .ops.gemm import NATIVE_LINEAR_MAX_ROWS
+from .ops.gemm import NATIVE_LINEAR_MAX_ROWS, call_on_rows
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,9 +128,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
         if native_rows(x, NATIVE_LINEAR_MAX_ROWS):     # fp32 activations, decoding: goose's kernels
-            out = native.ops("decode").linear_int8(x.reshape(rows, self.in_features).contiguous(), self.weight,
-                                                 self.scale)
-            return out.view(*x.shape[:-1], self.out_features)
+            return call_on_rows(native.ops("decode").linear_int8, x, rows, self.weight, self.scale)
         if _HAS_INT8_MM and _packed_path(x, rows, self.packed_max_rows):
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)

@@ -26,15 +26,19 @@ def available(x: Tensor, module: nn.Module) -> bool:
     return native.load("decode")
 
 
-def token_mix(x: Tensor, shift: Tensor, coefs: Sequence[Tensor], norm: nn.LayerNorm | None = None,
+def token_mix(x: Tensor, shift: Tensor, coefs: list[Tensor], norm: nn.LayerNorm | None = None,
               new_shift: Tensor | None = None) -> Tensor:
     """``[x + (shift - x) * c for c in coefs]`` stacked: ``[len(coefs), B, C]`` for ``x``, ``shift`` ``[B, C]``.
 
     With ``norm``, ``x`` is first replaced by ``norm(x)``; ``new_shift`` (may be ``shift``) receives that
     ``x``, the next token's shift."""
-    weight, bias, eps = (norm.weight, norm.bias, norm.eps) if norm is not None else (None, None, 0.0)
-    return native.ops("decode").token_mix(x.contiguous(), shift.contiguous(), list(coefs), weight, bias, eps,
-                                          new_shift)
+    if norm is None:
+        weight = bias = None
+    else:
+        params = norm._parameters    # not norm.weight: module attribute lookups cost ~0.4 us each
+        weight, bias = params["weight"], params["bias"]
+    return native.ops("decode").token_mix(x.contiguous(), shift.contiguous(), coefs, weight, bias,
+                                          norm.eps if norm is not None else 0.0, new_shift)
 
 
 def time_mix_step(r: Tensor, k: Tensor, v: Tensor, mixed: Tensor, params: Sequence[Tensor], state: Tensor,

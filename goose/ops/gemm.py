@@ -46,7 +46,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and keys) whose product runs on ``matmul``'s fast CPU kernels."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight) if self.bias is None else super().forward(x)
+        params = self._parameters       # not self.weight: module attribute lookup costs ~0.4 us, per decode op
+        return linear(x, params["weight"]) if params["bias"] is None else super().forward(x)
 
 
 def _fp32_cpu(x: Tensor, w: Tensor) -> bool:
@@ -81,7 +82,7 @@ def native_rows(x: Tensor, max_rows: int = NATIVE_MAX_ROWS) -> int:
     """The row count of ``x`` if the native kernels can take it (fp32 on CPU, at most ``max_rows`` rows, no
     autograd, not under autocast, kernels built), else 0."""
     rows = x.numel() // max(1, x.shape[-1])
-    if not (_ENABLED and rows <= max_rows and x.device.type == "cpu" and x.dtype == torch.float32):
+    if not (_ENABLED and rows <= max_rows and x.is_cpu and x.dtype == torch.float32):
         return 0
     if (x.requires_grad and torch.is_grad_enabled()) or torch.is_autocast_enabled("cpu") or not native.load("decode"):
         return 0
@@ -97,6 +98,15 @@ def _native_rows(x: Tensor, w: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.
     return native_rows(x, max_rows)
 
 
+def call_on_rows(op, x: Tensor, rows: int, *operands: Tensor) -> Tensor:
+    """``op(x as [rows, in], *operands)`` reshaped back to ``x``'s leading dims (a 2-D contiguous ``x``, the
+    decode step's, goes straight through: each reshape costs ~1 us, a small product's whole runtime)."""
+    if x.dim() == 2 and x.is_contiguous():
+        return op(x, *operands)
+    out = op(x.reshape(rows, x.shape[-1]).contiguous(), *operands)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight.T`` for ``x [..., in]`` and an ``nn.Linear``-layout ``weight [out, in]``, in ``x``'s dtype.
 
@@ -106,8 +116,7 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     rows = _native_rows(x, weight, (torch.float32, torch.bfloat16),
                         NATIVE_LINEAR_MAX_ROWS if weight.dtype == torch.float32 else NATIVE_MAX_ROWS)
     if rows and weight.is_contiguous():
-        out = native.ops("decode").linear(x.reshape(rows, x.shape[-1]).contiguous(), weight)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return call_on_rows(native.ops("decode").linear, x, rows, weight)
     if x.dtype != weight.dtype:
         return matmul(x.to(weight.dtype), weight.t()).to(x.dtype)
     return matmul(x, weight.t())

@@ -573,23 +573,25 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
     const float *xw = f(mixed) + 1 * B * C, *xv = f(mixed) + 3 * B * C, *xa = f(mixed) + 4 * B * C,
                 *xg = f(mixed) + 5 * B * C;
 
-    auto k = k_in.clone(), v = v_in.clone();
-    auto g = at::empty({B, C}, r.options()), decay = at::empty({B, C}, r.options());
-    auto a = at::empty({B, C}, r.options()), kk = at::empty({B, C}, r.options()), y = at::empty({B, C}, r.options());
-    float *kp = f(k), *vp = f(v), *gp = f(g), *wp = f(decay), *ap = f(a), *kkp = f(kk), *yp = f(y);
+    // one allocation for every [B, C] temporary (each costs ~1 us, as much as a small layer's arithmetic)
+    auto work = at::empty({8, B, C}, r.options());
+    auto y = work[0], v = work[1];
+    float *yp = f(work), *vp = yp + B * C, *kp = vp + B * C, *gp = kp + B * C, *wp = gp + B * C, *ap = wp + B * C,
+          *kkp = ap + B * C, *value_mix = kkp + B * C;
+    std::copy(f(k_in), f(k_in) + B * C, kp);
+    std::copy(f(v_in), f(v_in) + B * C, vp);
     const float* vf = nullptr;
     if (v_first) {
         TORCH_CHECK(v_first->scalar_type() == at::kFloat && v_first->is_contiguous() && v_first->numel() == B * C,
                     "goose time_mix_step: v_first must be contiguous fp32 [B, C]");
         vf = v_first->data_ptr<float>();
     }
-    std::vector<float> value_mix(vf ? B * C : 0);
 
     // the LoRAs: out = bias + act(x @ down) @ up; their hidden activations lie side by side ([B, rank] each)
     struct Lora { const float* x; Param down, up; const float* bias; float* out; int64_t rank = 0, offset = 0; };
     std::vector<Lora> loras = {{xw, W1, W2, f(p[W0]), wp}, {xg, G1, G2, nullptr, gp}};   // decay (tanh), gate (sigmoid)
     if (iclr) loras.push_back({xa, A1, A2, f(p[A0]), ap});                                 // in-context learning rate
-    if (vf) loras.push_back({xv, V1, V2, f(p[V0]), value_mix.data()});                    // value residual
+    if (vf) loras.push_back({xv, V1, V2, f(p[V0]), value_mix});                    // value residual
     int64_t hidden_size = 0;
     for (auto& l : loras) {
         l.rank = p[l.down].size(1);
@@ -654,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
             else
                 std::fill(a_, a_ + width, 0.f);
             if (vf) {
-                float* mix = value_mix.data() + o;
+                float* mix = value_mix + o;
                 apply<Fn::Sigmoid>(mix, width);
 #pragma omp simd
                 for (int64_t i = 0; i < width; ++i) v_[i] += (vf[o + i] - v_[i]) * mix[i];
