@@ -453,30 +453,35 @@ at::Tensor token_mix(const at::Tensor& x, const at::Tensor& shift, at::TensorLis
     const float *xp = x.data_ptr<float>(), *sp = shift.data_ptr<float>();
     const float *lw = ln_weight ? ln_weight->data_ptr<float>() : nullptr, *lb = ln_bias ? ln_bias->data_ptr<float>() : nullptr;
     float *op = out.data_ptr<float>(), *np = new_shift ? new_shift->data_ptr<float>() : nullptr;
-    std::vector<float> xn(C);
-    for (int64_t b = 0; b < B; ++b) {
-        const float* row = xp + b * C;
-        if (lw) {
-            float mean = 0.f, var = 0.f;
+    std::vector<const float*> cps;
+    for (const auto& c : coefs) cps.push_back(c.data_ptr<float>());
+    // rows are independent: a batch splits them across threads (a few rows stay on one: ~1 us each)
+    at::parallel_for(0, B, 4, [&](int64_t begin, int64_t end) {
+        std::vector<float> xn(C);
+        for (int64_t b = begin; b < end; ++b) {
+            const float* row = xp + b * C;
+            if (lw) {
+                float mean = 0.f, var = 0.f;
 #pragma omp simd reduction(+ : mean)
-            for (int64_t c = 0; c < C; ++c) mean += row[c];
-            mean /= C;
+                for (int64_t c = 0; c < C; ++c) mean += row[c];
+                mean /= C;
 #pragma omp simd reduction(+ : var)
-            for (int64_t c = 0; c < C; ++c) var += (row[c] - mean) * (row[c] - mean);
-            const float rstd = 1.f / std::sqrt(var / C + float(eps));
+                for (int64_t c = 0; c < C; ++c) var += (row[c] - mean) * (row[c] - mean);
+                const float rstd = 1.f / std::sqrt(var / C + float(eps));
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) xn[c] = (row[c] - mean) * rstd * lw[c] + lb[c];
-        } else {
-            std::copy(row, row + C, xn.begin());
-        }
-        for (size_t i = 0; i < coefs.size(); ++i) {
-            const float* cp = coefs[i].data_ptr<float>();
-            float* o = op + (int64_t(i) * B + b) * C;
+                for (int64_t c = 0; c < C; ++c) xn[c] = (row[c] - mean) * rstd * lw[c] + lb[c];
+            } else {
+                std::copy(row, row + C, xn.begin());
+            }
+            for (size_t i = 0; i < cps.size(); ++i) {
+                const float* cp = cps[i];
+                float* o = op + (int64_t(i) * B + b) * C;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] = xn[c] + (sp[b * C + c] - xn[c]) * cp[c];
+                for (int64_t c = 0; c < C; ++c) o[c] = xn[c] + (sp[b * C + c] - xn[c]) * cp[c];
+            }
+            if (np) std::copy(xn.begin(), xn.end(), np + b * C);
         }
-        if (np) std::copy(xn.begin(), xn.end(), np + b * C);
-    }
+    });
     return out;
 }
 
