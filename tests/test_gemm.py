@@ -50,7 +50,8 @@ def test_every_kernel_equals_torch(rows, lead, transposed_weight):
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 14, 16])
-@pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1002), (64, 768), (3072, 64)])
+@pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1002), (64, 768), (3072, 64),
+                                                       (2001, 37)])
 def test_native_kernels_against_fp64(rows, in_features, out_features):
     """Every native op (both weight layouts, int8 weights) at shapes with and without vector-width tails;
     1-4 rows run the streaming kernels, more the many-rows one (``linear``/``linear_int8`` only): full and
