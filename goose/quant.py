@@ -7,15 +7,18 @@ model.py is not touched: the math has one copy, and a quantized model is still a
 
 - ``fp32``/``bf16``/``fp16``: the weight in that dtype; activations are cast to it and back (so an fp32
   model can read bf16 weights). fp32 products run on ``goose.ops.matmul``'s CPU kernels, like the plain
-  model's; a few fp32 rows against bf16 weights (decoding) run on the native kernel with fp32 activations.
+  model's; fp32 rows against bf16 weights (decoding, up to 16 sequences) run on the native kernels: with
+  fp32 activations up to 4 rows, in bf16 beyond (where the CPU has bf16 dot products).
 - ``int8``: symmetric, one scale per output channel (``w = q * scale``, ``q`` in [-127, 127]).
 - ``int4``: asymmetric, one (scale, zero) pair per group of ``group_size`` input channels
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
   the "Q4_1"-style format, not the symmetric "Q4_0" that broke RWKV in rwkv.cpp.
 
 Kernels. On CPU, int8 with fp32 activations and up to 16 rows (decoding, batched decoding) runs on goose's
-native kernels (``ops/csrc/decode.cpp``: fp32 activations, the int8 weight read once for all rows; measured
-~4% faster than torch's packed kernel at 16 rows, and no rounding of the activations). Otherwise torch's
+native kernels (``ops/csrc/decode.cpp``): up to 4 rows with fp32 activations, the int8 weight read once for
+all rows; beyond, widened to bf16 block by block and multiplied with the activations rounded to bf16 where
+the CPU has bf16 dot products (measured at 16 rows, L12-D768: ~19 ms per step against ~28 for torch's packed
+kernel, which rounds the activations the same way). Otherwise torch's
 weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16
 activations, but degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class
 uses them up to ``packed_max_rows`` rows. Every other case (prefill, big
@@ -95,7 +98,7 @@ class DenseLinear(nn.Module):
             # fast): widen the weight block by block and multiply in fp32 instead
             out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
             return out.to(x.dtype)
-        return linear(x, w)          # in w's dtype; a few fp32 rows against bf16 on the native kernel
+        return linear(x, w)          # in w's dtype; up to 16 fp32 rows against bf16 on the native kernels
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"

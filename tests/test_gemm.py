@@ -62,7 +62,9 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     scale = (torch.rand(out_features, generator=g) + 0.5).bfloat16()
     ops = native.ops("decode")
     exact = x.double() @ weight.double().T
-    exact_q = x.double() @ (q.double() * scale.double()[:, None]).T
+    # beyond 4 rows int8 weights are multiplied in bf16 where the CPU can (the activations rounded to bf16)
+    xq = x.bfloat16() if rows > gemm.NATIVE_MAX_ROWS and ops.bf16_dot() else x
+    exact_q = xq.double() @ (q.double() * scale.double()[:, None]).T
     cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), exact_q)]
     if rows <= gemm.NATIVE_MAX_ROWS:
         cases.append((ops.matmul(x, weight.T.contiguous()), exact))
@@ -118,12 +120,14 @@ def test_autocast_still_lowers_precision():
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 3, 9, 16])
-def test_native_linear_reads_bf16_weights_with_fp32_activations(rows):
-    """The product is exact against the bf16 weight widened to fp32 (no rounding of the activations)."""
+def test_native_linear_reads_bf16_weights(rows):
+    """The product is exact against the bf16 weight widened to fp32: up to 4 rows with fp32 activations, more
+    (batched decoding) with activations rounded to bf16 where the CPU has bf16 dot products."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, 200, generator=g), torch.randn(70, 200, generator=g).bfloat16()
-    exact = x.double() @ weight.double().T
-    with torch.no_grad():     # `linear` sends more rows to torch's bf16 GEMM: the op itself takes any count
-        got = linear(x, weight) if rows <= gemm.NATIVE_MAX_ROWS else native.ops("decode").linear(x, weight)
+    many_rows_in_bf16 = rows > gemm.NATIVE_MAX_ROWS and native.ops("decode").bf16_dot()
+    exact = (x.bfloat16() if many_rows_in_bf16 else x).double() @ weight.double().T
+    with torch.no_grad():
+        got = linear(x, weight)
     assert got.dtype == torch.float32
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5

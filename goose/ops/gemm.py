@@ -9,11 +9,11 @@ to plain torch:
 
 - up to ``NATIVE_MAX_ROWS`` rows without autograd: goose's own matrix-vector kernels (``csrc/decode.cpp``,
   built on first use by ``native.load``), which read each weight once for all rows on torch's threads;
-- ``linear`` with an fp32 weight, up to ``NATIVE_LINEAR_MAX_ROWS`` rows (batched decoding): goose's
-  many-rows kernel, which keeps each block of 4 weight rows in L1 while every group of 4 activation rows
-  passes over it (measured at 16 rows on the model's weights: ~20.5 ms per L12-D768 step against
-  oneDNN's ~25; oneDNN wins from ~32 rows). A bf16 weight takes it only up to ``NATIVE_MAX_ROWS``: beyond,
-  torch's bf16 GEMM (activations rounded to bf16) has twice the arithmetic rate of fp32 FMAs;
+- ``linear`` up to ``NATIVE_LINEAR_MAX_ROWS`` rows (batched decoding): goose's many-rows kernel, which keeps
+  each block of 4 weight rows in L1 while every group of 4 activation rows passes over it (measured at 16
+  rows on the model's weights: ~20.5 ms per L12-D768 step against oneDNN's ~25; oneDNN wins from ~32 rows).
+  A bf16 weight is multiplied there in bf16 where the CPU has bf16 dot products (AVX512-BF16), the
+  activations rounded to bf16 as in torch's bf16 GEMM, which it replaces;
 - more rows, or autograd: oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``), with a backward
   made of the same GEMM.
 
@@ -113,8 +113,7 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     A weight of another dtype (a bf16 or fp16 weight under fp32 activations) is multiplied in the weight's
     dtype, ``x`` cast to it and the result back, except where the native kernel takes fp32 rows against a
     bf16 weight directly (decoding: no rounding of the activations)."""
-    rows = _native_rows(x, weight, (torch.float32, torch.bfloat16),
-                        NATIVE_LINEAR_MAX_ROWS if weight.dtype == torch.float32 else NATIVE_MAX_ROWS)
+    rows = _native_rows(x, weight, (torch.float32, torch.bfloat16), NATIVE_LINEAR_MAX_ROWS)
     if rows and weight.is_contiguous():
         return call_on_rows(native.ops("decode").linear, x, rows, weight)
     if x.dtype != weight.dtype:

@@ -6,16 +6,19 @@
 // accumulation; only the summation order differs from a BLAS.
 //
 //   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
-//   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: columns of w)
+//   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: rows of w split over threads)
 //   linear_int8(x [M, K], q [N, K] int8, scale [N] bf16) = x @ (q * scale[:, None]).T
 //
-// M is at most MAX_ROWS. AVX-512 code where the compiler targets it (-march=native), portable loops
+// M is at most MAX_ROWS, except that `linear` and `linear_int8` take up to MAX_TILE_ROWS (batched decoding):
+// beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch to a register-tiled kernel
+// (linear_many_rows). AVX-512 code where the compiler targets it (-march=native), portable loops
 // (auto-vectorised) elsewhere.
 //
 // The small operations of an RWKV-7 step, fused (each is a few dozen tiny torch ops otherwise):
 //   token_mix(x, shift, coefs, ...) = [x + (shift - x) * c for c in coefs]      (the token-shift lerps,
 //                                                                                optionally after a LayerNorm)
-//   time_mix_step(...)           = TimeMix between its r/k/v projections and the output projection
+//   time_mix_step(...)           = TimeMix between its r/k/v projections and the output projection (one
+//                                  parallel region: the LoRAs' first products split by rows, then whole heads)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,6 +37,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define GOOSE_AVX512 1
 #include <immintrin.h>
+#if defined(__AVX512BF16__)
+#define GOOSE_BF16_DOT 1    // vdpbf16ps: the many-rows kernel multiplies bf16 weights in bf16
+#endif
 #endif
 
 namespace {
@@ -145,6 +151,59 @@ void dot_rows(const float* x, const W* w, int64_t ld, int64_t K, float* sums /* 
 #pragma GCC unroll 8
         for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
+
+#ifdef GOOSE_BF16_DOT
+// dot_step for bf16 rows: vdpbf16ps multiplies 32 pairs of bf16 per instruction into 16 fp32 sums, twice the
+// products per instruction of fp32 FMAs, from half the bytes.
+template <int M, int R>
+__attribute__((always_inline)) inline void dot_step(const at::BFloat16* x, const at::BFloat16* w, int64_t ld, int64_t k,
+                                                    __mmask32 mask, __m512 (&acc)[M][R]) {
+    auto load = [mask](const at::BFloat16* p) {
+        return mask == ~__mmask32(0) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p);
+    };
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+        __m512i v = load(w + j * ld + k);
+        if constexpr (M > 1) asm("" : "+v"(v));     // in a register, as in the fp32 dot_step
+        wv[j] = v;
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+        __m512i xv = load(x + m * ld + k);
+        if constexpr (R > 1) asm("" : "+v"(xv));
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)wv[j], (__m512bh)xv);
+    }
+}
+
+// dot_rows for bf16 activations and weights (the many-rows kernel's bf16 form; fp32 sums).
+template <int M, int R, typename W = at::BFloat16, int AHEAD = 1>
+void dot_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t ld, int64_t K, float* sums,
+              const at::BFloat16* ahead = nullptr) {
+    __m512 acc[M][R];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        if (ahead)
+#pragma GCC unroll 8
+            for (int j = 0; j < AHEAD; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ld + k), _MM_HINT_T0);
+        dot_step<M, R>(x, w, ld, k, ~__mmask32(0), acc);
+    }
+    if (k < K) dot_step<M, R>(x, w, ld, k, __mmask32((1ull << (K - k)) - 1), acc);
+    if constexpr (M == 4 && R == 4) {
+        _mm512_storeu_ps(sums, reduce16(acc));
+        return;
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+#endif
 
 // y[m, n0:n0+width] += sum_{k0 <= k < k1} x[m, k] w[k, n0:n0+width] (w row-major [K, N], width <= COL_BLOCK).
 template <int M>
@@ -271,6 +330,16 @@ void dispatch_rows(int64_t rows, F&& f) {
     }
 }
 
+#ifdef GOOSE_BF16_DOT
+// int8 weight values as bf16 (exact: |q| <= 127 needs 7 bits), for the many-rows kernel's bf16 form.
+void widen(const int8_t* w, int64_t n, at::BFloat16* out) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = tail_mask(n - i);
+        _mm256_mask_storeu_epi16(out + i, mask, (__m256i)_mm512_cvtneps_pbh(load_weights(w + i, mask)));
+    }
+}
+#endif
+
 // Weight values as fp32 (bf16 and int8 weights, for the many-rows kernel, which reuses each row).
 template <typename W>
 void widen(const W* w, int64_t n, float* out) {
@@ -314,20 +383,24 @@ void store_tile(const float* sums, float* y, int64_t N, const at::BFloat16* scal
 // while it sits in L1: a 4 x 4 tile of dot products per step, reduced together at the end (reduce16). A long
 // K runs in chunks, so that the weight block and an activation group both fit L1 (measured at 16 rows,
 // 768 x 3072 from DRAM: 187 -> ~230 GFLOP/s).
-template <typename W>
-void linear_many_rows(const float* x, int64_t M, const W* w, const at::BFloat16* scale, int64_t K, int64_t N,
+//
+// X is the activations' type, float or (GOOSE_BF16_DOT) bf16: the weight is multiplied in that type, widened
+// to it block by block if stored narrower.
+template <typename W, typename X>
+void linear_many_rows(const X* x, int64_t M, const W* w, const at::BFloat16* scale, int64_t K, int64_t N,
                       float* y) {
     constexpr int R = 4;
+    constexpr bool direct = std::is_same_v<W, X>;
     const int64_t chunk = K > 2 * K_CHUNK ? K_CHUNK : K;
     const int64_t grain = std::max<int64_t>(1, grain_rows(K * sizeof(W)) / R);
     at::parallel_for(0, (N + R - 1) / R, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> widened(std::is_same_v<W, float> ? 0 : R * K);
+        std::vector<X> widened(direct ? 0 : R * K);
         float sums[4 * R];
         for (int64_t block = begin; block < end; ++block) {
             const int64_t n = block * R;
             const int rows = static_cast<int>(std::min<int64_t>(R, N - n));
-            const float* wf = nullptr;
-            if constexpr (std::is_same_v<W, float>) {
+            const X* wf = nullptr;
+            if constexpr (direct) {
                 wf = w + n * K;
             } else {
                 widen(w + n * K, rows * K, widened.data());
@@ -336,7 +409,7 @@ void linear_many_rows(const float* x, int64_t M, const W* w, const at::BFloat16*
             for (int64_t k0 = 0; k0 < K; k0 += chunk) {
                 const int64_t len = std::min(chunk, K - k0);
                 for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    const float* xs = x + m0 * K + k0;
+                    const X* xs = x + m0 * K + k0;
                     float* ys = y + m0 * N + n;
                     const at::BFloat16* ss = scale ? scale + n : nullptr;
                     dispatch_rows(std::min<int64_t>(4, M - m0), [&](auto group) {
@@ -344,9 +417,8 @@ void linear_many_rows(const float* x, int64_t M, const W* w, const at::BFloat16*
                         if (rows == R) {
                             // each group fetches one row of the block PREFETCH_BLOCKS ahead
                             const int64_t ahead_row = n + PREFETCH_BLOCKS * R + (m0 / 4) % R;
-                            const float* ahead = nullptr;
-                            if constexpr (std::is_same_v<W, float>)
-                                ahead = ahead_row < N ? w + ahead_row * K + k0 : nullptr;
+                            const X* ahead = nullptr;
+                            if constexpr (direct) ahead = ahead_row < N ? w + ahead_row * K + k0 : nullptr;
                             dot_rows<G, R>(xs, wf + k0, K, len, sums, ahead);
                             store_tile<G, R>(sums, ys, N, ss, k0 > 0);
                         } else {
@@ -362,6 +434,18 @@ void linear_many_rows(const float* x, int64_t M, const W* w, const at::BFloat16*
     });
 }
 
+// linear_many_rows for a bf16 or int8 weight: in bf16 where the CPU multiplies bf16 pairs (the activations
+// rounded to bf16, as torch's bf16 and weight-only int8 kernels do; twice the arithmetic rate), else in fp32.
+template <typename W>
+void many_rows_narrow(const at::Tensor& x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, at::Tensor& y) {
+#ifdef GOOSE_BF16_DOT
+    const auto xb = x.to(at::kBFloat16);
+    linear_many_rows(xb.data_ptr<at::BFloat16>(), x.size(0), w, scale, K, N, y.data_ptr<float>());
+#else
+    linear_many_rows(x.data_ptr<float>(), x.size(0), w, scale, K, N, y.data_ptr<float>());
+#endif
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
     const bool bf16 = weight.scalar_type() == at::kBFloat16;
     TORCH_CHECK((bf16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous() && weight.dim() == 2,
@@ -369,12 +453,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
     check_activations(x, weight.size(1), MAX_TILE_ROWS);
     auto y = at::empty({x.size(0), weight.size(0)}, x.options());
     if (x.size(0) > MAX_ROWS) {
-        if (bf16)
-            linear_many_rows(x.data_ptr<float>(), x.size(0), weight.data_ptr<at::BFloat16>(), nullptr,
-                             weight.size(1), weight.size(0), y.data_ptr<float>());
-        else
+        if (!bf16)
             linear_many_rows(x.data_ptr<float>(), x.size(0), weight.data_ptr<float>(), nullptr, weight.size(1),
                              weight.size(0), y.data_ptr<float>());
+        else
+            many_rows_narrow(x, weight.data_ptr<at::BFloat16>(), nullptr, weight.size(1), weight.size(0), y);
         return y;
     }
     dispatch_rows(x.size(0), [&](auto rows) {
@@ -409,8 +492,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     check_activations(x, q.size(1), MAX_TILE_ROWS);
     auto y = at::empty({x.size(0), q.size(0)}, x.options());
     if (x.size(0) > MAX_ROWS) {
-        linear_many_rows(x.data_ptr<float>(), x.size(0), q.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(),
-                         q.size(1), q.size(0), y.data_ptr<float>());
+        many_rows_narrow(x, q.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(), q.size(1), q.size(0), y);
         return y;
     }
     dispatch_rows(x.size(0), [&](auto rows) {
@@ -718,7 +800,17 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
 
 }  // namespace
 
+// Whether the many-rows kernel multiplies bf16 and int8 weights in bf16 (rounding the activations to bf16).
+bool bf16_dot() {
+#ifdef GOOSE_BF16_DOT
+    return true;
+#else
+    return false;
+#endif
+}
+
 TORCH_LIBRARY(goose_decode, m) {
+    m.def("bf16_dot() -> bool", &bf16_dot);
     m.def("linear(Tensor x, Tensor weight) -> Tensor", &linear);
     m.def("matmul(Tensor x, Tensor w) -> Tensor", &matmul);
     m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8);
