@@ -111,8 +111,8 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight.T`` for ``x [..., in]`` and an ``nn.Linear``-layout ``weight [out, in]``, in ``x``'s dtype.
 
     A weight of another dtype (a bf16 or fp16 weight under fp32 activations) is multiplied in the weight's
-    dtype, ``x`` cast to it and the result back, except where the native kernel takes fp32 rows against a
-    bf16 weight directly (decoding: no rounding of the activations)."""
+    dtype, ``x`` cast to it and the result back, except where the native kernels take fp32 rows against a
+    bf16 weight directly (decoding: up to ``NATIVE_MAX_ROWS`` rows without rounding the activations)."""
     rows = _native_rows(x, weight, (torch.float32, torch.bfloat16), NATIVE_LINEAR_MAX_ROWS)
     if rows and weight.is_contiguous():
         return call_on_rows(native.ops("decode").linear, x, rows, weight)

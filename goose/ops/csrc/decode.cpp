@@ -535,13 +535,6 @@ void apply(float* x, int64_t n) {
     }
 }
 
-// x[b, c] += bias[c] for B rows of C
-void add_bias(float* x, const float* bias, int64_t B, int64_t C) {
-    for (int64_t b = 0; b < B; ++b)
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) x[b * C + c] += bias[c];
-}
-
 // The token-shift lerps of one token, optionally after a LayerNorm of it: with xn = LayerNorm(x) (or x if no
 // LayerNorm weights are given), out[i] = xn + (shift - xn) * coefs[i] for x, shift [B, C]; xn is also written
 // to new_shift if given (the next token's shift; may be `shift` itself: each element is read first).
