@@ -123,35 +123,6 @@ inline __m512 reduce16(const __m512 (&acc)[4][4]) {
                          _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
 }
 
-// `ahead`, if given: the first of AHEAD weight rows needed later, fetched into cache alongside (at several
-// activation rows a core is busy enough with arithmetic that the hardware prefetcher alone falls behind).
-// The M x R dot products of length K of rows ld apart (ld = K for whole rows; more for a chunk of them).
-template <int M, int R, typename W, int AHEAD = 1>
-void dot_rows(const float* x, const W* w, int64_t ld, int64_t K, float* sums /* [M][R] */, const W* ahead = nullptr) {
-    __m512 acc[M][R];
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
-    int64_t k = 0;
-    if (ahead)
-        for (; k + 16 <= K; k += 16) {
-#pragma GCC unroll 8
-            for (int j = 0; j < AHEAD; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ld + k), _MM_HINT_T0);
-            dot_step<M, R>(x, w, ld, k, 0xFFFF, acc);
-        }
-    for (; k + 16 <= K; k += 16) dot_step<M, R>(x, w, ld, k, 0xFFFF, acc);
-    if (k < K) dot_step<M, R>(x, w, ld, k, tail_mask(K - k), acc);
-    if constexpr (M == 4 && R == 4) {
-        _mm512_storeu_ps(sums, reduce16(acc));    // the many-rows kernel reads them back as one vector
-        return;
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-        for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
-}
-
 #ifdef GOOSE_BF16_DOT
 // dot_step for bf16 rows: vdpbf16ps multiplies 32 pairs of bf16 per instruction into 16 fp32 sums, twice the
 // products per instruction of fp32 FMAs, from half the bytes.
@@ -177,25 +148,31 @@ __attribute__((always_inline)) inline void dot_step(const at::BFloat16* x, const
     }
 }
 
-// dot_rows for bf16 activations and weights (the many-rows kernel's bf16 form; fp32 sums).
-template <int M, int R, typename W = at::BFloat16, int AHEAD = 1>
-void dot_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t ld, int64_t K, float* sums,
-              const at::BFloat16* ahead = nullptr) {
+#endif
+
+// The M x R dot products of length K of rows ld apart (ld = K for whole rows; more for a chunk of them), in
+// steps of 16 fp32 activations or, for bf16 activations (and weights), of 32. `ahead`, if given: the first of
+// AHEAD weight rows needed later, fetched into cache alongside (at several activation rows a core is busy
+// enough with arithmetic that the hardware prefetcher alone falls behind).
+template <int M, int R, int AHEAD = 1, typename X, typename W>
+void dot_rows(const X* x, const W* w, int64_t ld, int64_t K, float* sums /* [M][R] */, const W* ahead = nullptr) {
+    constexpr int STEP = std::is_same_v<X, float> ? 16 : 32;
+    using Mask = std::conditional_t<STEP == 16, __mmask16, __mmask32>;
     __m512 acc[M][R];
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
         for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
+    for (; k + STEP <= K; k += STEP) {
         if (ahead)
 #pragma GCC unroll 8
             for (int j = 0; j < AHEAD; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ld + k), _MM_HINT_T0);
-        dot_step<M, R>(x, w, ld, k, ~__mmask32(0), acc);
+        dot_step<M, R>(x, w, ld, k, Mask(~Mask(0)), acc);
     }
-    if (k < K) dot_step<M, R>(x, w, ld, k, __mmask32((1ull << (K - k)) - 1), acc);
+    if (k < K) dot_step<M, R>(x, w, ld, k, Mask((1ull << (K - k)) - 1), acc);
     if constexpr (M == 4 && R == 4) {
-        _mm512_storeu_ps(sums, reduce16(acc));
+        _mm512_storeu_ps(sums, reduce16(acc));    // the many-rows kernel reads them back as one vector
         return;
     }
 #pragma GCC unroll 4
@@ -203,7 +180,6 @@ void dot_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t ld, int64_t 
 #pragma GCC unroll 8
         for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
-#endif
 
 // y[m, n0:n0+width] += sum_{k0 <= k < k1} x[m, k] w[k, n0:n0+width] (w row-major [K, N], width <= COL_BLOCK).
 template <int M>
@@ -237,7 +213,7 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
 
 #else  // portable: the compiler vectorises the inner loops
 
-template <int M, int R, typename W, int AHEAD = 1>
+template <int M, int R, int AHEAD = 1, typename W>
 void dot_rows(const float* x, const W* w, int64_t ld, int64_t K, float* sums, const W* = nullptr) {
     for (int m = 0; m < M; ++m)
         for (int j = 0; j < R; ++j) {
@@ -277,7 +253,7 @@ void linear_rows(const float* x, const W* w, const at::BFloat16* scale, int64_t 
         int64_t n = begin;
         for (; n + R <= end; n += R) {
             const bool fetch = M >= PREFETCH_MIN_ROWS && n + (PREFETCH_BLOCKS + 1) * R <= end;
-            dot_rows<M, R, W, R>(x, w + n * K, K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
+            dot_rows<M, R, R>(x, w + n * K, K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
             emit(n, R);
         }
         for (; n < end; ++n) {
