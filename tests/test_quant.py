@@ -55,6 +55,16 @@ def test_formats_stay_close_to_fp32_on_both_paths(model, tokens, fmt):
     assert compare(prefill, step)["rel_rms"] <= TOL[fmt] / 2 + 0.01   # the two paths share their weights
 
 
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_batched_decode_stays_close_to_fp32(model, fmt):
+    """A batch of 8 sequences decodes through the many-rows kernels (bf16 and int8 weights multiplied in bf16
+    where the CPU can): the same tolerances as one sequence."""
+    tokens = torch.randint(0, 1000, (8, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, _ = model(tokens)
+    assert compare(ref, decode(converted(model, fmt), tokens))["rel_rms"] <= TOL[fmt]
+
+
 def test_fp32_format_is_exact(model, tokens):
     """The fp32 format only changes the memory layout of the weights."""
     q = converted(model, "fp32")
