@@ -7,8 +7,8 @@ model.py is not touched: the math has one copy, and a quantized model is still a
 
 - ``fp32``/``bf16``/``fp16``: the weight in that dtype; activations are cast to it and back (so an fp32
   model can read bf16 weights). fp32 products run on ``goose.ops.matmul``'s CPU kernels, like the plain
-  model's; fp32 rows against bf16 weights (decoding, up to 16 sequences) run on the native kernels: with
-  fp32 activations up to 4 rows, in bf16 beyond (where the CPU has bf16 dot products).
+  model's; fp32 rows against bf16 weights (decoding, up to 16 sequences) run on the native kernels, in bf16
+  where the CPU has bf16 dot products (the activations rounded to bf16), else in fp32.
 - ``int8``: symmetric, one scale per output channel (``w = q * scale``, ``q`` in [-127, 127]).
 - ``int4``: asymmetric, one (scale, zero) pair per group of ``group_size`` input channels
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):

@@ -121,12 +121,12 @@ def test_autocast_still_lowers_precision():
 @needs_native
 @pytest.mark.parametrize("rows", [1, 3, 9, 16])
 def test_native_linear_reads_bf16_weights(rows):
-    """The product is exact against the bf16 weight widened to fp32: up to 4 rows with fp32 activations, more
-    (batched decoding) with activations rounded to bf16 where the CPU has bf16 dot products."""
+    """The product is exact against the bf16 weight widened to fp32, with the activations rounded to bf16
+    where the CPU has bf16 dot products (there the kernels multiply bf16 pairs), else in fp32."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, 200, generator=g), torch.randn(70, 200, generator=g).bfloat16()
-    many_rows_in_bf16 = rows > gemm.NATIVE_MAX_ROWS and native.ops("decode").bf16_dot()
-    exact = (x.bfloat16() if many_rows_in_bf16 else x).double() @ weight.double().T
+    in_bf16 = native.ops("decode").bf16_dot()      # then the activations are rounded to bf16 too
+    exact = (x.bfloat16() if in_bf16 else x).double() @ weight.double().T
     with torch.no_grad():
         got = linear(x, weight)
     assert got.dtype == torch.float32

@@ -3,7 +3,8 @@
 // At batch 1 (and a few rows) a product is bound by the weight's memory traffic, not arithmetic, so these
 // kernels stream each weight row (or column block) once, for all activation rows at a time, on torch's
 // own thread pool (at::parallel_for over output features). Activations are fp32 and so is the
-// accumulation; only the summation order differs from a BLAS.
+// accumulation (only the summation order differs from a BLAS), except that with AVX512-BF16 a bf16 weight
+// (and, beyond MAX_ROWS rows, an int8 one) is multiplied in bf16, the activations rounded to bf16.
 //
 //   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
 //   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: rows of w split over threads)
@@ -38,7 +39,7 @@
 #define GOOSE_AVX512 1
 #include <immintrin.h>
 #if defined(__AVX512BF16__)
-#define GOOSE_BF16_DOT 1    // vdpbf16ps: the many-rows kernel multiplies bf16 weights in bf16
+#define GOOSE_BF16_DOT 1    // vdpbf16ps: bf16 weights (and, batched, int8 ones) are multiplied in bf16
 #endif
 #endif
 
@@ -240,8 +241,8 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
 int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(8, GRAIN_BYTES / std::max<int64_t>(1, row_bytes)); }
 
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given.
-template <int M, typename W>
-void linear_rows(const float* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
+template <int M, typename W, typename X>
+void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
     at::parallel_for(0, N, grain_rows(K * sizeof(W)), [&](int64_t begin, int64_t end) {
         constexpr int R = row_block<M>();
         float sums[M * R];
@@ -443,12 +444,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
     }
     dispatch_rows(x.size(0), [&](auto rows) {
         constexpr int M = decltype(rows)::value;
-        if (bf16)
-            linear_rows<M, at::BFloat16>(x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), nullptr,
-                                         weight.size(1), weight.size(0), y.data_ptr<float>());
-        else
-            linear_rows<M, float>(x.data_ptr<float>(), weight.data_ptr<float>(), nullptr, weight.size(1),
-                                  weight.size(0), y.data_ptr<float>());
+        if (bf16) {
+#ifdef GOOSE_BF16_DOT
+            const auto xb = x.to(at::kBFloat16);
+            linear_rows<M>(xb.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), nullptr,
+                           weight.size(1), weight.size(0), y.data_ptr<float>());
+#else
+            linear_rows<M>(x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), nullptr,
+                           weight.size(1), weight.size(0), y.data_ptr<float>());
+#endif
+        } else {
+            linear_rows<M>(x.data_ptr<float>(), weight.data_ptr<float>(), nullptr, weight.size(1),
+                           weight.size(0), y.data_ptr<float>());
+        }
     });
     return y;
 }
@@ -477,7 +485,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
         return y;
     }
     dispatch_rows(x.size(0), [&](auto rows) {
-        linear_rows<decltype(rows)::value, int8_t>(x.data_ptr<float>(), q.data_ptr<int8_t>(),
+        linear_rows<decltype(rows)::value>(x.data_ptr<float>(), q.data_ptr<int8_t>(),
                                                    scale.data_ptr<at::BFloat16>(), q.size(1), q.size(0),
                                                    y.data_ptr<float>());
     });
@@ -774,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
 
 }  // namespace
 
-// Whether the many-rows kernel multiplies bf16 and int8 weights in bf16 (rounding the activations to bf16).
+// Whether bf16 weights (and int8 ones beyond MAX_ROWS rows) are multiplied in bf16, the activations rounded.
 bool bf16_dot() {
 #ifdef GOOSE_BF16_DOT
     return true;
