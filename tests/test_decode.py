@@ -80,8 +80,11 @@ def test_fused_decode_in_place_and_quantized(ckpt_factory, torch_only):
             fast, _ = model(tokens[:, t:t + 1], state, inplace=True)
     with torch_only:
         plain, plain_state = _decode(model, tokens)
-    assert _err(fast[:, 0], plain[:, -1]) <= TOL
-    assert ((state.wkv - plain_state.wkv).abs().max() / plain_state.wkv.abs().max()).item() <= TOL
+    # with AVX512-VNNI the int8 products quantize their activations to int16 (step: max |x| / 32767), so the
+    # two paths' fp32-level differences can move an activation by a step (measured: 1.4e-4 x std(logits))
+    tol = 1e-3 if native.ops("decode").int16_dot() else TOL
+    assert _err(fast[:, 0], plain[:, -1]) <= tol
+    assert ((state.wkv - plain_state.wkv).abs().max() / plain_state.wkv.abs().max()).item() <= tol
 
 
 def test_no_iclr_ablation(torch_only):

@@ -62,15 +62,40 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     scale = (torch.rand(out_features, generator=g) + 0.5).bfloat16()
     ops = native.ops("decode")
     exact = x.double() @ weight.double().T
-    # beyond 4 rows int8 weights are multiplied in bf16 where the CPU can (the activations rounded to bf16)
-    xq = x.bfloat16() if rows > gemm.NATIVE_MAX_ROWS and ops.bf16_dot() else x
-    exact_q = xq.double() @ (q.double() * scale.double()[:, None]).T
+    exact_q = _int8_kernel_activations(x).double() @ (q.double() * scale.double()[:, None]).T
     cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), exact_q)]
     if rows <= gemm.NATIVE_MAX_ROWS:
         cases.append((ops.matmul(x, weight.T.contiguous()), exact))
     for got, want in cases:
         assert got.shape == want.shape and got.dtype == torch.float32
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5   # fp32 sums of <= 3072 terms
+
+
+def _int8_kernel_activations(x: torch.Tensor) -> torch.Tensor:
+    """What linear_int8 multiplies the int8 weights with: up to 4 rows with AVX512-VNNI the rows of x quantized
+    to int16 (step = max |row| / 32767, rounded to nearest even); more rows with AVX512-BF16 x rounded to
+    bf16; else x itself."""
+    ops = native.ops("decode")
+    if x.shape[0] > gemm.NATIVE_MAX_ROWS:
+        return x.bfloat16().float() if ops.bf16_dot() else x
+    if not ops.int16_dot():
+        return x
+    step = x.abs().amax(dim=1, keepdim=True) / 32767
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.round(x / step) * step
+
+
+@needs_native
+def test_int8_activations_are_quantized_per_row_to_int16():
+    """Where the products are integer ones, an int8 weight sees each activation row at 16-bit precision:
+    relative to the row's largest value, every activation is off by at most 1 / 65534."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 300, generator=g) * torch.tensor([[1.0], [1e-3], [50.0]])
+    x[1, 7] = 0.0
+    q, scale = torch.eye(300, dtype=torch.int8), torch.ones(300, dtype=torch.bfloat16)
+    got = native.ops("decode").linear_int8(x.contiguous(), q, scale)        # x @ I: the activations as seen
+    assert ((got - x).abs() / x.abs().amax(dim=1, keepdim=True)).max() <= 1 / 65534 + 1e-7
+    torch.testing.assert_close(got, _int8_kernel_activations(x), rtol=1e-6, atol=0)
 
 
 @needs_native

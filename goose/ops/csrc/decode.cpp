@@ -4,7 +4,8 @@
 // kernels stream each weight row (or column block) once, for all activation rows at a time, on torch's
 // own thread pool (at::parallel_for over output features). Activations are fp32 and so is the
 // accumulation (only the summation order differs from a BLAS), except that with AVX512-BF16 a bf16 weight
-// (and, beyond MAX_ROWS rows, an int8 one) is multiplied in bf16, the activations rounded to bf16.
+// (and beyond MAX_ROWS rows an int8 one) is multiplied in bf16, the activations rounded to bf16, and with
+// AVX512-VNNI an int8 weight up to MAX_ROWS rows in integers, the activations quantized to int16 per row.
 //
 //   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
 //   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: rows of w split over threads)
@@ -27,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vec_exp.h"
@@ -39,7 +41,10 @@
 #define GOOSE_AVX512 1
 #include <immintrin.h>
 #if defined(__AVX512BF16__)
-#define GOOSE_BF16_DOT 1    // vdpbf16ps: bf16 weights (and, batched, int8 ones) are multiplied in bf16
+#define GOOSE_BF16_DOT 1    // vdpbf16ps: bf16 weights (and int8 ones, batched) are multiplied in bf16
+#endif
+#if defined(__AVX512VNNI__)
+#define GOOSE_INT16_DOT 1   // vpdpwssd: int8 weights (a few rows) meet activations quantized to int16
 #endif
 #endif
 
@@ -58,46 +63,77 @@ constexpr int64_t PREFETCH_BLOCKS = 1;          // how far ahead (in row blocks)
 // (measured, 4 rows on L12-D768's weights: 15.5 -> 14.4 ms per step's products) do not
 constexpr int PREFETCH_MIN_ROWS = 2;
 constexpr int64_t K_CHUNK = 1024;                // the many-rows kernel splits longer dot products into chunks
+// int16 dot products sum in int32: 2 products of at most 32767 * 127 per lane and step of 32, so at most
+// 4096 elements (1.07e9 < 2^31) before the sums go to fp32
+constexpr int64_t INT16_DOT_MAX_K = 4096;
 constexpr int64_t GRAIN_BYTES = 128 << 10;      // smallest share of the weight worth a thread
 
 #ifdef GOOSE_AVX512
 
 __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
-// Loads 16 weights starting at p as fp32 (masked: lanes outside `mask` read nothing and are zero).
-inline __m512 load_weights(const float* p, __mmask16 mask) {
+// One step's operands. With a 16-lane mask: 16 values as fp32 (fp32 arithmetic; bf16 and int8 weights
+// widened). With a 32-lane mask: 32 bf16 or int16 values as they are (int8 weights sign-extended to int16),
+// for the pair products below. Masked lanes read nothing and are zero.
+inline __m512 load_operand(const float* p, __mmask16 mask) {
     return mask == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p);
 }
-inline __m512 load_weights(const int8_t* p, __mmask16 mask) {
+inline __m512 load_operand(const int8_t* p, __mmask16 mask) {
     const __m128i q = mask == 0xFFFF ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(mask, p);
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
 }
-inline __m512 load_weights(const at::BFloat16* p, __mmask16 mask) {   // bf16 is the top half of an fp32
+inline __m512 load_operand(const at::BFloat16* p, __mmask16 mask) {   // bf16 is the top half of an fp32
     const __m256i h = mask == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                                      : _mm256_maskz_loadu_epi16(mask, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline __m512i load_operand(const at::BFloat16* p, __mmask32 mask) {
+    return mask == ~__mmask32(0) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p);
+}
+inline __m512i load_operand(const int16_t* p, __mmask32 mask) {
+    return mask == ~__mmask32(0) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p);
+}
+inline __m512i load_operand(const int8_t* p, __mmask32 mask) {
+    return _mm512_cvtepi8_epi16(mask == ~__mmask32(0) ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                                       : _mm256_maskz_loadu_epi8(mask, p));
+}
+
+// acc + w * x in the arithmetic of the activations' type (the first argument only selects it): fp32 FMAs;
+// bf16 pairs (vdpbf16ps: 32 products into 16 fp32 sums per instruction, twice the FMA's products); int16
+// pairs into int32 sums (vpdpwssd; kept in the fp32 registers bit-cast, dot_rows converts them at the end).
+inline __m512 madd(const float*, __m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+#ifdef GOOSE_BF16_DOT
+inline __m512 madd(const at::BFloat16*, __m512 acc, __m512i w, __m512i x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+#endif
+#ifdef GOOSE_INT16_DOT
+inline __m512 madd(const int16_t*, __m512 acc, __m512i w, __m512i x) {
+    return _mm512_castsi512_ps(_mm512_dpwssd_epi32(_mm512_castps_si512(acc), w, x));
+}
+#endif
 
 // y[m, n + j] = sum_k x[m, k] W[n + j, k] for j < R and m < M (R weight rows; rows of x and W are ld apart).
-// One 16-wide step of dot_rows (the loops are unrolled so that the accumulators stay in registers).
-template <int M, int R, typename W>
-__attribute__((always_inline)) inline void dot_step(const float* x, const W* w, int64_t ld, int64_t k, __mmask16 mask,
+// One step of dot_rows (the loops are unrolled so that the accumulators stay in registers).
+template <int M, int R, typename X, typename W, typename Mask>
+__attribute__((always_inline)) inline void dot_step(const X* x, const W* w, int64_t ld, int64_t k, Mask mask,
                                                     __m512 (&acc)[M][R]) {
-    __m512 wv[R];
+    using Operand = decltype(load_operand(w, mask));
+    Operand wv[R];
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
-        __m512 v = load_weights(w + j * ld + k, mask);
-        // pinned to a register: GCC otherwise folds the load into every FMA that uses it, which with several
-        // activation rows doubles the loads per FMA and halves the arithmetic rate (measured at 16 rows)
+        Operand v = load_operand(w + j * ld + k, mask);
+        // pinned to a register: GCC otherwise folds the load into every instruction that uses it, which with
+        // several activation rows doubles the loads per product and halves the rate (measured at 16 rows)
         if constexpr (M > 1) asm("" : "+v"(v));
         wv[j] = v;
     }
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
-        __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ld + k);
+        Operand xv = load_operand(x + m * ld + k, mask);
         if constexpr (R > 1) asm("" : "+v"(xv));
 #pragma GCC unroll 8
-        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
+        for (int j = 0; j < R; ++j) acc[m][j] = madd(x, acc[m][j], wv[j], xv);
     }
 }
 
@@ -124,40 +160,13 @@ inline __m512 reduce16(const __m512 (&acc)[4][4]) {
                          _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
 }
 
-#ifdef GOOSE_BF16_DOT
-// dot_step for bf16 rows: vdpbf16ps multiplies 32 pairs of bf16 per instruction into 16 fp32 sums, twice the
-// products per instruction of fp32 FMAs, from half the bytes.
-template <int M, int R>
-__attribute__((always_inline)) inline void dot_step(const at::BFloat16* x, const at::BFloat16* w, int64_t ld, int64_t k,
-                                                    __mmask32 mask, __m512 (&acc)[M][R]) {
-    auto load = [mask](const at::BFloat16* p) {
-        return mask == ~__mmask32(0) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p);
-    };
-    __m512i wv[R];
-#pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) {
-        __m512i v = load(w + j * ld + k);
-        if constexpr (M > 1) asm("" : "+v"(v));     // in a register, as in the fp32 dot_step
-        wv[j] = v;
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) {
-        __m512i xv = load(x + m * ld + k);
-        if constexpr (R > 1) asm("" : "+v"(xv));
-#pragma GCC unroll 8
-        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)wv[j], (__m512bh)xv);
-    }
-}
-
-#endif
-
 // The M x R dot products of length K of rows ld apart (ld = K for whole rows; more for a chunk of them), in
-// steps of 16 fp32 activations or, for bf16 activations (and weights), of 32. `ahead`, if given: the first of
+// steps of 16 fp32 activations or, for bf16 or int16 activations, of 32. `ahead`, if given: the first of
 // AHEAD weight rows needed later, fetched into cache alongside (at several activation rows a core is busy
 // enough with arithmetic that the hardware prefetcher alone falls behind).
 template <int M, int R, int AHEAD = 1, typename X, typename W>
 void dot_rows(const X* x, const W* w, int64_t ld, int64_t K, float* sums /* [M][R] */, const W* ahead = nullptr) {
-    constexpr int STEP = std::is_same_v<X, float> ? 16 : 32;
+    constexpr int STEP = std::is_same_v<X, float> ? 16 : 32;     // fp32: 16 per step; bf16, int16: 32
     using Mask = std::conditional_t<STEP == 16, __mmask16, __mmask32>;
     __m512 acc[M][R];
 #pragma GCC unroll 4
@@ -172,6 +181,11 @@ void dot_rows(const X* x, const W* w, int64_t ld, int64_t K, float* sums /* [M][
         dot_step<M, R>(x, w, ld, k, Mask(~Mask(0)), acc);
     }
     if (k < K) dot_step<M, R>(x, w, ld, k, Mask((1ull << (K - k)) - 1), acc);
+    if constexpr (std::is_same_v<X, int16_t>)    // integer sums to fp32
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+            for (int j = 0; j < R; ++j) acc[m][j] = _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][j]));
     if constexpr (M == 4 && R == 4) {
         _mm512_storeu_ps(sums, reduce16(acc));    // the many-rows kernel reads them back as one vector
         return;
@@ -241,6 +255,23 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
 int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(8, GRAIN_BYTES / std::max<int64_t>(1, row_bytes)); }
 
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given.
+// dot_rows over whole rows of length K; int16 activations in chunks of INT16_DOT_MAX_K.
+template <int M, int R, int AHEAD = 1, typename X, typename W>
+void dot_rows_whole(const X* x, const W* w, int64_t K, float* sums, const W* ahead = nullptr) {
+    constexpr int64_t chunk = std::is_same_v<X, int16_t> ? INT16_DOT_MAX_K : INT64_MAX;
+    if (K <= chunk) {
+        dot_rows<M, R, AHEAD>(x, w, K, K, sums, ahead);
+        return;
+    }
+    float part[M * R];
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        dot_rows<M, R, AHEAD>(x + k0, w + k0, K, std::min(chunk, K - k0), k0 ? part : sums,
+                              ahead ? ahead + k0 : nullptr);
+        if (k0)
+            for (int i = 0; i < M * R; ++i) sums[i] += part[i];
+    }
+}
+
 template <int M, typename W, typename X>
 void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
     at::parallel_for(0, N, grain_rows(K * sizeof(W)), [&](int64_t begin, int64_t end) {
@@ -254,11 +285,11 @@ void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, i
         int64_t n = begin;
         for (; n + R <= end; n += R) {
             const bool fetch = M >= PREFETCH_MIN_ROWS && n + (PREFETCH_BLOCKS + 1) * R <= end;
-            dot_rows<M, R, R>(x, w + n * K, K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
+            dot_rows_whole<M, R, R>(x, w + n * K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
             emit(n, R);
         }
         for (; n < end; ++n) {
-            dot_rows<M, 1>(x, w + n * K, K, K, sums);
+            dot_rows_whole<M, 1>(x, w + n * K, K, sums);
             emit(n, 1);
         }
     });
@@ -312,12 +343,12 @@ void dispatch_rows(int64_t rows, F&& f) {
 void widen(const int8_t* w, int64_t n, at::BFloat16* out) {
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {     // 32 at a time: two conversions to fp32 packed into one bf16 vector
-        const __m512 lo = load_weights(w + i, 0xFFFF), hi = load_weights(w + i + 16, 0xFFFF);
+        const __m512 lo = load_operand(w + i, __mmask16(0xFFFF)), hi = load_operand(w + i + 16, __mmask16(0xFFFF));
         _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
     for (; i < n; i += 16) {
         const __mmask16 mask = tail_mask(n - i);
-        _mm256_mask_storeu_epi16(out + i, mask, (__m256i)_mm512_cvtneps_pbh(load_weights(w + i, mask)));
+        _mm256_mask_storeu_epi16(out + i, mask, (__m256i)_mm512_cvtneps_pbh(load_operand(w + i, mask)));
     }
 }
 #endif
@@ -328,7 +359,7 @@ void widen(const W* w, int64_t n, float* out) {
 #ifdef GOOSE_AVX512
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = tail_mask(n - i);
-        _mm512_mask_storeu_ps(out + i, mask, load_weights(w + i, mask));
+        _mm512_mask_storeu_ps(out + i, mask, load_operand(w + i, mask));
     }
 #else
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(w[i]);
@@ -416,16 +447,13 @@ void linear_many_rows(const X* x, int64_t M, const W* w, const at::BFloat16* sca
     });
 }
 
-// linear_many_rows for a bf16 or int8 weight: in bf16 where the CPU multiplies bf16 pairs (the activations
-// rounded to bf16, as torch's bf16 and weight-only int8 kernels do; twice the arithmetic rate), else in fp32.
-template <typename W>
-void many_rows_narrow(const at::Tensor& x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, at::Tensor& y) {
-#ifdef GOOSE_BF16_DOT
-    const auto xb = x.to(at::kBFloat16);
-    linear_many_rows(xb.data_ptr<at::BFloat16>(), x.size(0), w, scale, K, N, y.data_ptr<float>());
-#else
-    linear_many_rows(x.data_ptr<float>(), x.size(0), w, scale, K, N, y.data_ptr<float>());
-#endif
+// y [M, N] = x @ w.T (times scale[n]): the streaming kernels up to MAX_ROWS rows, the many-rows one beyond.
+template <typename X, typename W>
+void product(const X* x, const W* w, const at::BFloat16* scale, int64_t M, int64_t K, int64_t N, float* y) {
+    if (M > MAX_ROWS)
+        linear_many_rows(x, M, w, scale, K, N, y);
+    else
+        dispatch_rows(M, [&](auto rows) { linear_rows<decltype(rows)::value>(x, w, scale, K, N, y); });
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
@@ -433,31 +461,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
     TORCH_CHECK((bf16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous() && weight.dim() == 2,
                 "goose linear: weight must be a contiguous fp32 or bf16 [N, K] matrix");
     check_activations(x, weight.size(1), MAX_TILE_ROWS);
-    auto y = at::empty({x.size(0), weight.size(0)}, x.options());
-    if (x.size(0) > MAX_ROWS) {
-        if (!bf16)
-            linear_many_rows(x.data_ptr<float>(), x.size(0), weight.data_ptr<float>(), nullptr, weight.size(1),
-                             weight.size(0), y.data_ptr<float>());
-        else
-            many_rows_narrow(x, weight.data_ptr<at::BFloat16>(), nullptr, weight.size(1), weight.size(0), y);
-        return y;
-    }
-    dispatch_rows(x.size(0), [&](auto rows) {
-        constexpr int M = decltype(rows)::value;
-        if (bf16) {
+    const int64_t M = x.size(0), K = weight.size(1), N = weight.size(0);
+    auto y = at::empty({M, N}, x.options());
+    if (!bf16) {
+        product(x.data_ptr<float>(), weight.data_ptr<float>(), nullptr, M, K, N, y.data_ptr<float>());
+    } else {
 #ifdef GOOSE_BF16_DOT
-            const auto xb = x.to(at::kBFloat16);
-            linear_rows<M>(xb.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), nullptr,
-                           weight.size(1), weight.size(0), y.data_ptr<float>());
+        const auto xb = x.to(at::kBFloat16);     // bf16 pairs multiplied: the activations rounded to bf16
+        product(xb.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), nullptr, M, K, N, y.data_ptr<float>());
 #else
-            linear_rows<M>(x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), nullptr,
-                           weight.size(1), weight.size(0), y.data_ptr<float>());
+        product(x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), nullptr, M, K, N, y.data_ptr<float>());
 #endif
-        } else {
-            linear_rows<M>(x.data_ptr<float>(), weight.data_ptr<float>(), nullptr, weight.size(1),
-                           weight.size(0), y.data_ptr<float>());
-        }
-    });
+    }
     return y;
 }
 
@@ -473,22 +488,56 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w) {
     return y;
 }
 
+#ifdef GOOSE_INT16_DOT
+// x [M, K] quantized per row to int16: x[m] ~= xq[m] * step[m], step[m] = max |x[m]| / 32767 (the rounding
+// error is at most step / 2 per element, ~1.5e-5 of the row's largest value).
+std::pair<at::Tensor, std::vector<float>> quantize_rows_int16(const at::Tensor& x) {
+    const int64_t M = x.size(0), K = x.size(1);
+    auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
+    std::vector<float> step(M);
+    const float* xp = x.data_ptr<float>();
+    int16_t* qp = xq.data_ptr<int16_t>();
+    for (int64_t m = 0; m < M; ++m) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xp[m * K + k]));
+        step[m] = amax > 0.f ? amax / 32767.f : 1.f;
+        for (int64_t k = 0; k < K; ++k)
+            qp[m * K + k] = static_cast<int16_t>(std::nearbyint(xp[m * K + k] / step[m]));
+    }
+    return {xq, step};
+}
+#endif
+
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
     TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2,
                 "goose linear_int8: q must be a contiguous int8 [N, K] matrix");
     TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == q.size(0),
                 "goose linear_int8: scale must be bf16 [N]");
     check_activations(x, q.size(1), MAX_TILE_ROWS);
-    auto y = at::empty({x.size(0), q.size(0)}, x.options());
-    if (x.size(0) > MAX_ROWS) {
-        many_rows_narrow(x, q.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(), q.size(1), q.size(0), y);
+    const int64_t M = x.size(0), K = q.size(1), N = q.size(0);
+    auto y = at::empty({M, N}, x.options());
+    float* yp = y.data_ptr<float>();
+    const int8_t* qp = q.data_ptr<int8_t>();
+    const at::BFloat16* sp = scale.data_ptr<at::BFloat16>();
+#ifdef GOOSE_INT16_DOT
+    if (M <= MAX_ROWS) {   // integer products: the activations quantized to int16, the weights as they are
+        const auto [xq, step] = quantize_rows_int16(x);
+        const int16_t* xp = xq.data_ptr<int16_t>();
+        dispatch_rows(M, [&](auto rows) { linear_rows<decltype(rows)::value>(xp, qp, sp, K, N, yp); });
+        for (int64_t m = 0; m < M; ++m)
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= step[m];
         return y;
     }
-    dispatch_rows(x.size(0), [&](auto rows) {
-        linear_rows<decltype(rows)::value>(x.data_ptr<float>(), q.data_ptr<int8_t>(),
-                                                   scale.data_ptr<at::BFloat16>(), q.size(1), q.size(0),
-                                                   y.data_ptr<float>());
-    });
+#endif
+#ifdef GOOSE_BF16_DOT
+    if (M > MAX_ROWS) {    // arithmetic-bound: bf16 pairs (twice vpdpwssd's rate here), the weights widened
+        const auto xb = x.to(at::kBFloat16);
+        linear_many_rows(xb.data_ptr<at::BFloat16>(), M, qp, sp, K, N, yp);
+        return y;
+    }
+#endif
+    product(x.data_ptr<float>(), qp, sp, M, K, N, yp);
     return y;
 }
 
@@ -782,7 +831,7 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
 
 }  // namespace
 
-// Whether bf16 weights (and int8 ones beyond MAX_ROWS rows) are multiplied in bf16, the activations rounded.
+// Whether bf16 weights (and beyond MAX_ROWS rows int8 ones) are multiplied in bf16, the activations rounded.
 bool bf16_dot() {
 #ifdef GOOSE_BF16_DOT
     return true;
@@ -791,8 +840,18 @@ bool bf16_dot() {
 #endif
 }
 
+// Whether int8 weights (up to MAX_ROWS rows) are multiplied with the activations quantized to int16 per row.
+bool int16_dot() {
+#ifdef GOOSE_INT16_DOT
+    return true;
+#else
+    return false;
+#endif
+}
+
 TORCH_LIBRARY(goose_decode, m) {
     m.def("bf16_dot() -> bool", &bf16_dot);
+    m.def("int16_dot() -> bool", &int16_dot);
     m.def("linear(Tensor x, Tensor weight) -> Tensor", &linear);
     m.def("matmul(Tensor x, Tensor w) -> Tensor", &matmul);
     m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8);
