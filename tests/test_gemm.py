@@ -10,6 +10,13 @@ from goose.ops import linear, matmul, native
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_built():
+    """Tests that call the ops directly need them registered, whichever test runs first."""
+    if native.ENABLED:
+        native.load("decode")
+
+
 @pytest.fixture(autouse=True)
 def _fast_kernels_for_every_size(monkeypatch):
     """The kernels' size thresholds would send these small test products to torch."""
@@ -96,6 +103,24 @@ def test_int8_activations_are_quantized_per_row_to_int16():
     got = native.ops("decode").linear_int8(x.contiguous(), q, scale)        # x @ I: the activations as seen
     assert ((got - x).abs() / x.abs().amax(dim=1, keepdim=True)).max() <= 1 / 65534 + 1e-7
     torch.testing.assert_close(got, _int8_kernel_activations(x), rtol=1e-6, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 6])
+def test_non_finite_activations_give_non_finite_outputs(rows):
+    """A NaN or inf in an activation row must not vanish in any kernel (the int16 quantization of int8
+    products included): that row's outputs are NaN, the others stay finite."""
+    ops = native.ops("decode")
+    x = torch.randn(rows, 40)
+    x[0, 3] = float("nan")
+    if rows > 1:
+        x[1, 5] = float("inf")
+    w, q, scale = torch.randn(24, 40), torch.randint(-127, 128, (24, 40), dtype=torch.int8), torch.ones(24).bfloat16()
+    for out in (ops.linear(x, w), ops.linear(x, w.bfloat16()), ops.linear_int8(x, q, scale)):
+        assert out[0].isnan().all()
+        if rows > 1:
+            assert not out[1].isfinite().any()
+            assert out[2:].isfinite().all()
 
 
 @needs_native

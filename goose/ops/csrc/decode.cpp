@@ -27,6 +27,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -490,7 +491,8 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w) {
 
 #ifdef GOOSE_INT16_DOT
 // x [M, K] quantized per row to int16: x[m] ~= xq[m] * step[m], step[m] = max |x[m]| / 32767 (the rounding
-// error is at most step / 2 per element, ~1.5e-5 of the row's largest value).
+// error is at most step / 2 per element, ~1.5e-5 of the row's largest value). A row with an inf or NaN gets
+// step NaN (and zeros), so that its outputs are NaN as an fp32 product's would be.
 std::pair<at::Tensor, std::vector<float>> quantize_rows_int16(const at::Tensor& x) {
     const int64_t M = x.size(0), K = x.size(1);
     auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
@@ -499,7 +501,16 @@ std::pair<at::Tensor, std::vector<float>> quantize_rows_int16(const at::Tensor& 
     int16_t* qp = xq.data_ptr<int16_t>();
     for (int64_t m = 0; m < M; ++m) {
         float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xp[m * K + k]));
+        bool finite = true;
+        for (int64_t k = 0; k < K; ++k) {
+            amax = std::max(amax, std::abs(xp[m * K + k]));
+            finite = finite && std::isfinite(xp[m * K + k]);
+        }
+        if (!finite) {
+            step[m] = std::numeric_limits<float>::quiet_NaN();
+            std::fill(qp + m * K, qp + (m + 1) * K, int16_t(0));
+            continue;
+        }
         step[m] = amax > 0.f ? amax / 32767.f : 1.f;
         for (int64_t k = 0; k < K; ++k)
             qp[m * K + k] = static_cast<int16_t>(std::nearbyint(xp[m * K + k] / step[m]));
