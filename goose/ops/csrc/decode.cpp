@@ -255,7 +255,6 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
 
 int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(8, GRAIN_BYTES / std::max<int64_t>(1, row_bytes)); }
 
-// y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given.
 // dot_rows over whole rows of length K; int16 activations in chunks of INT16_DOT_MAX_K.
 template <int M, int R, int AHEAD = 1, typename X, typename W>
 void dot_rows_whole(const X* x, const W* w, int64_t K, float* sums, const W* ahead = nullptr) {
@@ -273,6 +272,7 @@ void dot_rows_whole(const X* x, const W* w, int64_t K, float* sums, const W* ahe
     }
 }
 
+// y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given (up to MAX_ROWS rows).
 template <int M, typename W, typename X>
 void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
     at::parallel_for(0, N, grain_rows(K * sizeof(W)), [&](int64_t begin, int64_t end) {
@@ -393,13 +393,12 @@ void store_tile(const float* sums, float* y, int64_t N, const at::BFloat16* scal
 
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given, for more rows than MAX_ROWS (batched
 // decode). Arithmetic now outweighs the weight's memory traffic, so the weight is taken 4 rows at a time
-// (widened to fp32 once if stored narrower) and every group of 4 activation rows passes over that block
+// (widened once if stored narrower than the arithmetic) and every group of 4 activation rows passes over it
 // while it sits in L1: a 4 x 4 tile of dot products per step, reduced together at the end (reduce16). A long
 // K runs in chunks, so that the weight block and an activation group both fit L1 (measured at 16 rows,
 // 768 x 3072 from DRAM: 187 -> ~230 GFLOP/s).
 //
-// X is the activations' type, float or (GOOSE_BF16_DOT) bf16: the weight is multiplied in that type, widened
-// to it block by block if stored narrower.
+// X is the activations' type, float or (GOOSE_BF16_DOT) bf16: the arithmetic's type (see madd).
 template <typename W, typename X>
 void linear_many_rows(const X* x, int64_t M, const W* w, const at::BFloat16* scale, int64_t K, int64_t N,
                       float* y) {
