@@ -54,9 +54,11 @@ def test_fused_kernels_build_here():
 
 
 @pytest.mark.parametrize("batch", [1, 3, 6])            # 6 > the kernels' 4-row blocks
-@pytest.mark.parametrize("ranks", [None, (24, 40, 8, 72)])
-def test_fused_decode_equals_torch(ckpt_factory, torch_only, batch, ranks):
-    path = ckpt_factory(f"decode_{ranks}.pth", n_layer=3, n_embd=192, vocab_size=300, seed=3, ranks=ranks)
+@pytest.mark.parametrize("ranks, head_size", [(None, 64), ((24, 40, 8, 72), 64),
+                                              (None, 24)])  # 24: not a multiple of 16, the heads' general path
+def test_fused_decode_equals_torch(ckpt_factory, torch_only, batch, ranks, head_size):
+    path = ckpt_factory(f"decode_{ranks}_{head_size}.pth", n_layer=3, n_embd=192, vocab_size=300, seed=3, ranks=ranks,
+                        head_size=head_size)
     model = load(path)
     tokens = torch.randint(0, 300, (batch, 12), generator=torch.Generator().manual_seed(batch))
     fast, fast_state = _decode(model, tokens)
