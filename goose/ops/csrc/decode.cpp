@@ -272,26 +272,45 @@ void dot_rows_whole(const X* x, const W* w, int64_t K, float* sums, const W* ahe
     }
 }
 
+// y[m * N + j] (=|+=) sums[m][j] * scale[j] for m < G, j < R (a tile of dot products; `add` after the first
+// chunk of a long K).
+template <int G, int R>
+void store_tile(const float* sums, float* y, int64_t N, const at::BFloat16* scale, bool add) {
+#ifdef GOOSE_AVX512
+    if constexpr (G == 4 && R == 4) {   // the full tile: one vector, row m in 128-bit lane m
+        __m512 tile = _mm512_loadu_ps(sums);
+        if (scale)
+            tile = _mm512_mul_ps(tile, _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(
+                                           _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale))), 16))));
+        const __m128 rows[4] = {_mm512_extractf32x4_ps(tile, 0), _mm512_extractf32x4_ps(tile, 1),
+                                _mm512_extractf32x4_ps(tile, 2), _mm512_extractf32x4_ps(tile, 3)};
+        for (int m = 0; m < 4; ++m)
+            _mm_storeu_ps(y + m * N, add ? _mm_add_ps(_mm_loadu_ps(y + m * N), rows[m]) : rows[m]);
+        return;
+    }
+#endif
+    for (int m = 0; m < G; ++m)
+        for (int j = 0; j < R; ++j) {
+            const float v = sums[m * R + j] * (scale ? static_cast<float>(scale[j]) : 1.f);
+            y[m * N + j] = add ? y[m * N + j] + v : v;
+        }
+}
+
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given (up to MAX_ROWS rows).
 template <int M, typename W, typename X>
 void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
     at::parallel_for(0, N, grain_rows(K * sizeof(W)), [&](int64_t begin, int64_t end) {
         constexpr int R = row_block<M>();
         float sums[M * R];
-        auto emit = [&](int64_t n, int rows) {
-            for (int m = 0; m < M; ++m)
-                for (int j = 0; j < rows; ++j)
-                    y[m * N + n + j] = sums[m * rows + j] * (scale ? static_cast<float>(scale[n + j]) : 1.f);
-        };
         int64_t n = begin;
         for (; n + R <= end; n += R) {
             const bool fetch = M >= PREFETCH_MIN_ROWS && n + (PREFETCH_BLOCKS + 1) * R <= end;
             dot_rows_whole<M, R, R>(x, w + n * K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
-            emit(n, R);
+            store_tile<M, R>(sums, y + n, N, scale ? scale + n : nullptr, false);
         }
         for (; n < end; ++n) {
             dot_rows_whole<M, 1>(x, w + n * K, K, sums);
-            emit(n, 1);
+            store_tile<M, 1>(sums, y + n, N, scale ? scale + n : nullptr, false);
         }
     });
 }
@@ -365,30 +384,6 @@ void widen(const W* w, int64_t n, float* out) {
 #else
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(w[i]);
 #endif
-}
-
-// y[m * N + j] (=|+=) sums[m][j] * scale[j] for m < G, j < R (a tile of dot products; `add` after the first
-// chunk of a long K).
-template <int G, int R>
-void store_tile(const float* sums, float* y, int64_t N, const at::BFloat16* scale, bool add) {
-#ifdef GOOSE_AVX512
-    if constexpr (G == 4 && R == 4) {   // the full tile: one vector, row m in 128-bit lane m
-        __m512 tile = _mm512_loadu_ps(sums);
-        if (scale)
-            tile = _mm512_mul_ps(tile, _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(
-                                           _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale))), 16))));
-        const __m128 rows[4] = {_mm512_extractf32x4_ps(tile, 0), _mm512_extractf32x4_ps(tile, 1),
-                                _mm512_extractf32x4_ps(tile, 2), _mm512_extractf32x4_ps(tile, 3)};
-        for (int m = 0; m < 4; ++m)
-            _mm_storeu_ps(y + m * N, add ? _mm_add_ps(_mm_loadu_ps(y + m * N), rows[m]) : rows[m]);
-        return;
-    }
-#endif
-    for (int m = 0; m < G; ++m)
-        for (int j = 0; j < R; ++j) {
-            const float v = sums[m * R + j] * (scale ? static_cast<float>(scale[j]) : 1.f);
-            y[m * N + j] = add ? y[m * N + j] + v : v;
-        }
 }
 
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given, for more rows than MAX_ROWS (batched

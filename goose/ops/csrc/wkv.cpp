@@ -62,47 +62,69 @@ int64_t depth_for_rows(const Product& p, int64_t last_row) {
   return p.lower ? std::min(p.depth, last_row + 1) : p.depth;
 }
 
-// Portable code, any CPU: tiles of ROWS rows by kPortableWidth columns held in GCC/Clang vector-extension
-// registers (8 floats: one AVX register, two SSE or NEON ones); the columns beyond the last full tile by
-// plain loops.
+// The tiles' vector type: 8 floats in a GCC/Clang vector-extension register (one AVX register, two SSE or
+// NEON ones) on any CPU, or 16 in an AVX-512 register.
 typedef float Vec8 __attribute__((vector_size(32)));
-constexpr int kPortableVecs = 2;
-constexpr int64_t kPortableWidth = 8 * kPortableVecs;
+struct PortableLanes {
+  using V = Vec8;
+  static constexpr int kWidth = 8;
+  static V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static V zero() { return V{}; }
+  static V splat(float x) { return V{} + x; }
+  static V fma(V a, V b, V acc) { return acc + a * b; }
+  static V mul(V a, V b) { return a * b; }
+  static void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+};
+#ifdef __AVX512F__
+struct Avx512Lanes {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V splat(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V acc) { return _mm512_fmadd_ps(a, b, acc); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+#endif
 
-Vec8 load8(const float* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <int ROWS>
-void multiply_tile_portable(const Target& to, const Product* products, int n_products, int64_t row0,
-                            int64_t col0) {
-  Vec8 acc[ROWS][kPortableVecs];
+// Output rows row0 .. row0 + ROWS - 1 by columns col0 .. col0 + VECS vectors, held in registers over the
+// whole depth: per step of the depth, VECS loads of M, and per row one broadcast of A and VECS FMAs.
+template <typename L, int ROWS, int VECS>
+void multiply_tile(const Target& to, const Product* products, int n_products, int64_t row0, int64_t col0) {
+  constexpr int W = L::kWidth;
+  typename L::V acc[ROWS][VECS];
   for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < kPortableVecs; ++v)
-      acc[r][v] = to.init ? load8(to.init + (row0 + r) * to.init_stride + col0 + 8 * v) : Vec8{};
+    for (int v = 0; v < VECS; ++v)
+      acc[r][v] = to.init ? L::load(to.init + (row0 + r) * to.init_stride + col0 + W * v) : L::zero();
   for (int q = 0; q < n_products; ++q) {
     const Product& p = products[q];
     const int64_t depth = depth_for_rows(p, row0 + ROWS - 1);
     const float* a = p.a + row0 * p.a_row_stride;
     for (int64_t d = 0; d < depth; ++d) {
-      Vec8 m[kPortableVecs];
-      for (int v = 0; v < kPortableVecs; ++v) m[v] = load8(p.m + d * p.m_row_stride + col0 + 8 * v);
+      typename L::V m[VECS];
+      for (int v = 0; v < VECS; ++v) m[v] = L::load(p.m + d * p.m_row_stride + col0 + W * v);
       for (int r = 0; r < ROWS; ++r) {
-        const float x = a[r * p.a_row_stride + d * p.a_col_stride];
-        for (int v = 0; v < kPortableVecs; ++v) acc[r][v] += x * m[v];
+        const typename L::V x = L::splat(a[r * p.a_row_stride + d * p.a_col_stride]);
+        for (int v = 0; v < VECS; ++v) acc[r][v] = L::fma(x, m[v], acc[r][v]);
       }
     }
   }
   for (int r = 0; r < ROWS; ++r) {
-    const float scale = to.scale ? to.scale[row0 + r] : 1.f;
-    for (int v = 0; v < kPortableVecs; ++v) {
-      const Vec8 out = acc[r][v] * scale;
-      std::memcpy(to.out + (row0 + r) * to.out_stride + col0 + 8 * v, &out, sizeof out);
-    }
+    const typename L::V scale = L::splat(to.scale ? to.scale[row0 + r] : 1.f);
+    for (int v = 0; v < VECS; ++v)
+      L::store(to.out + (row0 + r) * to.out_stride + col0 + W * v, L::mul(acc[r][v], scale));
   }
 }
+
+// Portable code, any CPU: tiles of 6 rows by kPortableWidth columns; the columns beyond the last full tile by
+// plain loops.
+constexpr int kPortableVecs = 2;
+constexpr int64_t kPortableWidth = PortableLanes::kWidth * kPortableVecs;
 
 void multiply_rows_portable(const Target& to, const Product* products, int n_products, int64_t rows,
                             int64_t cols) {
@@ -110,8 +132,9 @@ void multiply_rows_portable(const Target& to, const Product* products, int n_pro
   const int64_t tiled_cols = cols / kPortableWidth * kPortableWidth;
   for (int64_t col0 = 0; col0 < tiled_cols; col0 += kPortableWidth) {
     int64_t row0 = 0;
-    for (; row0 + kRows <= rows; row0 += kRows) multiply_tile_portable<kRows>(to, products, n_products, row0, col0);
-    for (; row0 < rows; ++row0) multiply_tile_portable<1>(to, products, n_products, row0, col0);
+    for (; row0 + kRows <= rows; row0 += kRows)
+      multiply_tile<PortableLanes, kRows, kPortableVecs>(to, products, n_products, row0, col0);
+    for (; row0 < rows; ++row0) multiply_tile<PortableLanes, 1, kPortableVecs>(to, products, n_products, row0, col0);
   }
   for (int64_t i = 0; i < rows && tiled_cols < cols; ++i) {
     float* o = to.out + i * to.out_stride;
@@ -131,35 +154,6 @@ void multiply_rows_portable(const Target& to, const Product* products, int n_pro
 }
 
 #ifdef __AVX512F__
-// Output rows row0 .. row0 + ROWS - 1 by columns col0 .. col0 + 16 VECS - 1, held in registers over the
-// whole depth: per step of the depth, VECS loads of M, and per row one broadcast of A and VECS FMAs.
-template <int ROWS, int VECS>
-void multiply_tile(const Target& to, const Product* products, int n_products, int64_t row0, int64_t col0) {
-  __m512 acc[ROWS][VECS];
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < VECS; ++v)
-      acc[r][v] = to.init ? _mm512_loadu_ps(to.init + (row0 + r) * to.init_stride + col0 + 16 * v)
-                          : _mm512_setzero_ps();
-  for (int q = 0; q < n_products; ++q) {
-    const Product& p = products[q];
-    const int64_t depth = depth_for_rows(p, row0 + ROWS - 1);
-    const float* a = p.a + row0 * p.a_row_stride;
-    for (int64_t d = 0; d < depth; ++d) {
-      __m512 m[VECS];
-      for (int v = 0; v < VECS; ++v) m[v] = _mm512_loadu_ps(p.m + d * p.m_row_stride + col0 + 16 * v);
-      for (int r = 0; r < ROWS; ++r) {
-        const __m512 x = _mm512_set1_ps(a[r * p.a_row_stride + d * p.a_col_stride]);
-        for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(x, m[v], acc[r][v]);
-      }
-    }
-  }
-  for (int r = 0; r < ROWS; ++r) {
-    const __m512 scale = _mm512_set1_ps(to.scale ? to.scale[row0 + r] : 1.f);
-    for (int v = 0; v < VECS; ++v)
-      _mm512_storeu_ps(to.out + (row0 + r) * to.out_stride + col0 + 16 * v, _mm512_mul_ps(acc[r][v], scale));
-  }
-}
-
 // Rows per tile: as many accumulators as fit in the 32 vector registers beside the VECS loaded M vectors.
 template <int VECS>
 constexpr int kTileRows = VECS == 4 ? 6 : VECS == 3 ? 8 : VECS == 2 ? 12 : 16;
@@ -170,7 +164,7 @@ void multiply_remainder(int64_t rows, const Target& to, const Product* products,
                         int64_t col0) {
   if constexpr (ROWS > 0) {
     if (rows == ROWS)
-      multiply_tile<ROWS, VECS>(to, products, n_products, row0, col0);
+      multiply_tile<Avx512Lanes, ROWS, VECS>(to, products, n_products, row0, col0);
     else
       multiply_remainder<VECS, ROWS - 1>(rows, to, products, n_products, row0, col0);
   }
@@ -181,7 +175,7 @@ void multiply_column_block(const Target& to, const Product* products, int n_prod
                            int64_t col0) {
   constexpr int R = kTileRows<VECS>;
   int64_t row0 = 0;
-  for (; row0 + R <= rows; row0 += R) multiply_tile<R, VECS>(to, products, n_products, row0, col0);
+  for (; row0 + R <= rows; row0 += R) multiply_tile<Avx512Lanes, R, VECS>(to, products, n_products, row0, col0);
   if (row0 < rows) multiply_remainder<VECS, R - 1>(rows - row0, to, products, n_products, row0, col0);
 }
 #endif
