@@ -57,11 +57,16 @@ constexpr int64_t MAX_TILE_ROWS = 64;    // rows of the many-rows kernel (ops/ge
 // accumulators of more activation rows would not fit the 32 vector registers
 template <int M>
 constexpr int row_block() { return M <= 2 ? 8 : 4; }
+// int8 weights at one activation row: rows up to this long are streamed 16 at a time (measured on 768- and
+// 1024-wide int8 rows: 24-34 -> 35-39 GB/s with the software prefetch below, which int8 always takes)
+constexpr int64_t SHORT_INT8_ROW = 1024;
 constexpr int64_t COL_BLOCK = 64;               // output columns accumulated together by `matmul`
 constexpr int64_t PREFETCH_HEADS = 2;           // how far ahead time_mix_step fetches head states
 constexpr int64_t PREFETCH_BLOCKS = 1;          // how far ahead (in row blocks) the linear kernels fetch weights
-// the streaming kernels prefetch from 2 rows: one row streams as fast on the hardware prefetcher alone, more
-// (measured, 4 rows on L12-D768's weights: 15.5 -> 14.4 ms per step's products) do not
+// the streaming kernels prefetch from 2 rows: one row of fp32 or bf16 weights streams as fast on the hardware
+// prefetcher alone, more (measured, 4 rows on L12-D768's weights: 15.5 -> 14.4 ms per step's products) do not.
+// int8 weights prefetch at one row too: each byte costs more instructions (widening, integer pairs), so fewer
+// weight lines are in flight on the out-of-order window alone (measured at one row: 22-30 -> 30-35 GB/s)
 constexpr int PREFETCH_MIN_ROWS = 2;
 constexpr int64_t K_CHUNK = 1024;                // the many-rows kernel splits longer dot products into chunks
 // int16 dot products sum in int32: 2 products of at most 32767 * 127 per lane and step of 32, so at most
@@ -296,15 +301,15 @@ void store_tile(const float* sums, float* y, int64_t N, const at::BFloat16* scal
         }
 }
 
-// y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given (up to MAX_ROWS rows).
-template <int M, typename W, typename X>
-void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
+// y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given: R weight rows at a time, the block
+// PREFETCH_BLOCKS ahead fetched in software if FETCH.
+template <int M, int R, bool FETCH, typename W, typename X>
+void stream_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
     at::parallel_for(0, N, grain_rows(K * sizeof(W)), [&](int64_t begin, int64_t end) {
-        constexpr int R = row_block<M>();
         float sums[M * R];
         int64_t n = begin;
         for (; n + R <= end; n += R) {
-            const bool fetch = M >= PREFETCH_MIN_ROWS && n + (PREFETCH_BLOCKS + 1) * R <= end;
+            const bool fetch = FETCH && n + (PREFETCH_BLOCKS + 1) * R <= end;
             dot_rows_whole<M, R, R>(x, w + n * K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
             store_tile<M, R>(sums, y + n, N, scale ? scale + n : nullptr, false);
         }
@@ -313,6 +318,19 @@ void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, i
             store_tile<M, 1>(sums, y + n, N, scale ? scale + n : nullptr, false);
         }
     });
+}
+
+// y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given (up to MAX_ROWS rows).
+template <int M, typename W, typename X>
+void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
+    if constexpr (M == 1 && std::is_same_v<W, int8_t>) {
+        if (K <= SHORT_INT8_ROW)
+            stream_rows<1, 16, true>(x, w, scale, K, N, y);
+        else
+            stream_rows<1, row_block<1>(), true>(x, w, scale, K, N, y);
+    } else {
+        stream_rows<M, row_block<M>(), (M >= PREFETCH_MIN_ROWS)>(x, w, scale, K, N, y);
+    }
 }
 
 // y[M, N] = x[M, K] @ w[K, N] (the LoRA layout: a few rows against a small weight). Threads split the K rows
