@@ -58,11 +58,12 @@ def test_every_kernel_equals_torch(rows, lead, transposed_weight):
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 14, 16])
 @pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1002), (64, 768), (3072, 64),
-                                                       (2001, 37)])
+                                                       (2001, 37), (512, 2999)])
 def test_native_kernels_against_fp64(rows, in_features, out_features):
     """Every native op (both weight layouts, int8 weights) at shapes with and without vector-width tails;
     1-4 rows run the streaming kernels, more the many-rows one (``linear``/``linear_int8`` only): full and
-    partial 4 x 4 tiles, and output counts that are not a multiple of 4."""
+    partial 4 x 4 tiles, and output counts that are not a multiple of 4 (512 x 2999: each thread's share of
+    short int8 rows, streamed 16 at a time, ends in a partial block)."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
     q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
