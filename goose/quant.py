@@ -15,12 +15,11 @@ model.py is not touched: the math has one copy, and a quantized model is still a
   the "Q4_1"-style format, not the symmetric "Q4_0" that broke RWKV in rwkv.cpp.
 
 Kernels. On CPU, int8 with fp32 activations and up to 16 rows (decoding, batched decoding) runs on goose's
-native kernels (``ops/csrc/decode.cpp``): up to 4 rows the int8 weight is read once for all rows and, where
-the CPU has AVX512-VNNI, multiplied in integers with the activations quantized per row to int16 (each off
-by at most 1/65534 of its row's largest value; else in fp32); beyond, widened to bf16 block by block and
-multiplied with the activations rounded to bf16 where the CPU has bf16 dot products (measured at 16 rows,
-L12-D768: ~18-20 ms per step against ~28 for torch's packed kernel, which rounds the activations the same
-way). Logits against fp32 are the same either way (tests/test_quant.py). Otherwise torch's
+native kernels (``ops/csrc/decode.cpp``): where the CPU has AVX512-VNNI, the int8 weight is multiplied in
+integers with the activations quantized per row to int16 (each off by at most 1/65534 of its row's largest
+value), else in fp32; up to 4 rows it is read once for all rows, beyond that widened to int16 block by block
+(measured at 16 rows, the 73 int8 matrices of L12-D768: 12.0 ms against 21.6 for torch's packed kernel, which
+rounds the activations to bf16). Logits against fp32: tests/test_quant.py. Otherwise torch's
 weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16
 activations, but degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class
 uses them up to ``packed_max_rows`` rows. Every other case (prefill, big

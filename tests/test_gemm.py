@@ -80,13 +80,9 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
 
 
 def _int8_kernel_activations(x: torch.Tensor) -> torch.Tensor:
-    """What linear_int8 multiplies the int8 weights with: up to 4 rows with AVX512-VNNI the rows of x quantized
-    to int16 (step = max |row| / 32767, rounded to nearest even); more rows with AVX512-BF16 x rounded to
-    bf16; else x itself."""
-    ops = native.ops("decode")
-    if x.shape[0] > gemm.NATIVE_MAX_ROWS:
-        return x.bfloat16().float() if ops.bf16_dot() else x
-    if not ops.int16_dot():
+    """What linear_int8 multiplies the int8 weights with: with AVX512-VNNI the rows of x quantized to int16
+    (step = max |row| / 32767, rounded to nearest even), at every row count; else x itself."""
+    if not native.ops("decode").int16_dot():
         return x
     step = x.abs().amax(dim=1, keepdim=True) / 32767
     step = torch.where(step > 0, step, torch.ones_like(step))
@@ -94,11 +90,13 @@ def _int8_kernel_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_native
-def test_int8_activations_are_quantized_per_row_to_int16():
+@pytest.mark.parametrize("rows", [3, 9])
+def test_int8_activations_are_quantized_per_row_to_int16(rows):
     """Where the products are integer ones, an int8 weight sees each activation row at 16-bit precision:
-    relative to the row's largest value, every activation is off by at most 1 / 65534."""
+    relative to the row's largest value, every activation is off by at most 1 / 65534 (streaming kernel: 3
+    rows; many-rows kernel: 9)."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 300, generator=g) * torch.tensor([[1.0], [1e-3], [50.0]])
+    x = torch.randn(rows, 300, generator=g) * torch.tensor([1.0, 1e-3, 50.0]).repeat(3)[:rows, None]
     x[1, 7] = 0.0
     q, scale = torch.eye(300, dtype=torch.int8), torch.ones(300, dtype=torch.bfloat16)
     got = native.ops("decode").linear_int8(x.contiguous(), q, scale)        # x @ I: the activations as seen

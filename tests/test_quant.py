@@ -57,8 +57,8 @@ def test_formats_stay_close_to_fp32_on_both_paths(model, tokens, fmt):
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_batched_decode_stays_close_to_fp32(model, fmt):
-    """A batch of 8 sequences decodes through the many-rows kernels (bf16 and int8 weights multiplied in bf16
-    where the CPU can): the same tolerances as one sequence."""
+    """A batch of 8 sequences decodes through the many-rows kernels (bf16 weights multiplied in bf16, int8 ones
+    in int16 pairs, where the CPU can): the same tolerances as one sequence."""
     tokens = torch.randint(0, 1000, (8, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, _ = model(tokens)

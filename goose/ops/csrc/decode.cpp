@@ -4,8 +4,8 @@
 // kernels stream each weight row (or column block) once, for all activation rows at a time, on torch's
 // own thread pool (at::parallel_for over output features). Activations are fp32 and so is the
 // accumulation (only the summation order differs from a BLAS), except that with AVX512-BF16 a bf16 weight
-// (and beyond MAX_ROWS rows an int8 one) is multiplied in bf16, the activations rounded to bf16, and with
-// AVX512-VNNI an int8 weight up to MAX_ROWS rows in integers, the activations quantized to int16 per row.
+// is multiplied in bf16, the activations rounded to bf16, and with AVX512-VNNI an int8 weight in integers,
+// the activations quantized to int16 per row.
 //
 //   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
 //   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: rows of w split over threads)
@@ -42,10 +42,10 @@
 #define GOOSE_AVX512 1
 #include <immintrin.h>
 #if defined(__AVX512BF16__)
-#define GOOSE_BF16_DOT 1    // vdpbf16ps: bf16 weights (and int8 ones, batched) are multiplied in bf16
+#define GOOSE_BF16_DOT 1    // vdpbf16ps: bf16 weights are multiplied in bf16
 #endif
 #if defined(__AVX512VNNI__)
-#define GOOSE_INT16_DOT 1   // vpdpwssd: int8 weights (a few rows) meet activations quantized to int16
+#define GOOSE_INT16_DOT 1   // vpdpwssd: int8 weights meet activations quantized to int16
 #endif
 #endif
 
@@ -106,7 +106,7 @@ inline __m512i load_operand(const int8_t* p, __mmask32 mask) {
 
 // acc + w * x in the arithmetic of the activations' type (the first argument only selects it): fp32 FMAs;
 // bf16 pairs (vdpbf16ps: 32 products into 16 fp32 sums per instruction, twice the FMA's products); int16
-// pairs into int32 sums (vpdpwssd; kept in the fp32 registers bit-cast, dot_rows converts them at the end).
+// pairs into int32 sums (vpdpwssd; dot_rows converts them to fp32 at the end).
 inline __m512 madd(const float*, __m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
 #ifdef GOOSE_BF16_DOT
 inline __m512 madd(const at::BFloat16*, __m512 acc, __m512i w, __m512i x) {
@@ -114,19 +114,22 @@ inline __m512 madd(const at::BFloat16*, __m512 acc, __m512i w, __m512i x) {
 }
 #endif
 #ifdef GOOSE_INT16_DOT
-inline __m512 madd(const int16_t*, __m512 acc, __m512i w, __m512i x) {
-    return _mm512_castsi512_ps(_mm512_dpwssd_epi32(_mm512_castps_si512(acc), w, x));
+inline __m512i madd(const int16_t*, __m512i acc, __m512i w, __m512i x) {
+    // in place: GCC 12 copies the accumulator out and back around the intrinsic (two moves per product, which
+    // ran the 16-row kernel at ~0.7x its rate)
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
 }
 #endif
 
 // y[m, n + j] = sum_k x[m, k] W[n + j, k] for j < R and m < M (R weight rows; rows of x and W are ld apart).
 // One step of dot_rows (the loops are unrolled so that the accumulators stay in registers).
-template <int M, int R, typename X, typename W, typename Mask>
+template <int M, int R, typename X, typename W, typename Mask, typename Acc>
 __attribute__((always_inline)) inline void dot_step(const X* x, const W* w, int64_t ld, int64_t k, Mask mask,
-                                                    __m512 (&acc)[M][R]) {
+                                                    Acc (&acc)[M][R]) {
     using Operand = decltype(load_operand(w, mask));
     Operand wv[R];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < R; ++j) {
         Operand v = load_operand(w + j * ld + k, mask);
         // pinned to a register: GCC otherwise folds the load into every instruction that uses it, which with
@@ -138,7 +141,7 @@ __attribute__((always_inline)) inline void dot_step(const X* x, const W* w, int6
     for (int m = 0; m < M; ++m) {
         Operand xv = load_operand(x + m * ld + k, mask);
         if constexpr (R > 1) asm("" : "+v"(xv));
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int j = 0; j < R; ++j) acc[m][j] = madd(x, acc[m][j], wv[j], xv);
     }
 }
@@ -174,32 +177,44 @@ template <int M, int R, int AHEAD = 1, typename X, typename W>
 void dot_rows(const X* x, const W* w, int64_t ld, int64_t K, float* sums /* [M][R] */, const W* ahead = nullptr) {
     constexpr int STEP = std::is_same_v<X, float> ? 16 : 32;     // fp32: 16 per step; bf16, int16: 32
     using Mask = std::conditional_t<STEP == 16, __mmask16, __mmask32>;
-    __m512 acc[M][R];
+    constexpr bool integer = std::is_same_v<X, int16_t>;
+    using Acc = std::conditional_t<integer, __m512i, __m512>;
+    Acc acc[M][R];
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) {
+            if constexpr (integer)
+                acc[m][j] = _mm512_setzero_si512();
+            else
+                acc[m][j] = _mm512_setzero_ps();
+        }
     int64_t k = 0;
     for (; k + STEP <= K; k += STEP) {
         if (ahead)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
             for (int j = 0; j < AHEAD; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ld + k), _MM_HINT_T0);
         dot_step<M, R>(x, w, ld, k, Mask(~Mask(0)), acc);
     }
     if (k < K) dot_step<M, R>(x, w, ld, k, Mask((1ull << (K - k)) - 1), acc);
-    if constexpr (std::is_same_v<X, int16_t>)    // integer sums to fp32
+    __m512 total[M][R];    // the sums as fp32
 #pragma GCC unroll 4
-        for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-            for (int j = 0; j < R; ++j) acc[m][j] = _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][j]));
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) {
+            if constexpr (integer)
+                total[m][j] = _mm512_cvtepi32_ps(acc[m][j]);
+            else
+                total[m][j] = acc[m][j];
+        }
     if constexpr (M == 4 && R == 4) {
-        _mm512_storeu_ps(sums, reduce16(acc));    // the many-rows kernel reads them back as one vector
+        _mm512_storeu_ps(sums, reduce16(total));    // the many-rows kernel reads them back as one vector
         return;
     }
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-        for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(total[m][j]);
 }
 
 // y[m, n0:n0+width] += sum_{k0 <= k < k1} x[m, k] w[k, n0:n0+width] (w row-major [K, N], width <= COL_BLOCK).
@@ -376,17 +391,12 @@ void dispatch_rows(int64_t rows, F&& f) {
     }
 }
 
-#ifdef GOOSE_BF16_DOT
-// int8 weight values as bf16 (exact: |q| <= 127 needs 7 bits), for the many-rows kernel's bf16 form.
-void widen(const int8_t* w, int64_t n, at::BFloat16* out) {
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {     // 32 at a time: two conversions to fp32 packed into one bf16 vector
-        const __m512 lo = load_operand(w + i, __mmask16(0xFFFF)), hi = load_operand(w + i + 16, __mmask16(0xFFFF));
-        _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-    for (; i < n; i += 16) {
-        const __mmask16 mask = tail_mask(n - i);
-        _mm256_mask_storeu_epi16(out + i, mask, (__m256i)_mm512_cvtneps_pbh(load_operand(w + i, mask)));
+#ifdef GOOSE_INT16_DOT
+// int8 weight values as int16, for the many-rows kernel's integer form.
+void widen(const int8_t* w, int64_t n, int16_t* out) {
+    for (int64_t i = 0; i < n; i += 32) {
+        const __mmask32 mask = n - i >= 32 ? ~__mmask32(0) : __mmask32((1ull << (n - i)) - 1);
+        _mm512_mask_storeu_epi16(out + i, mask, load_operand(w + i, mask));
     }
 }
 #endif
@@ -411,7 +421,8 @@ void widen(const W* w, int64_t n, float* out) {
 // K runs in chunks, so that the weight block and an activation group both fit L1 (measured at 16 rows,
 // 768 x 3072 from DRAM: 187 -> ~230 GFLOP/s).
 //
-// X is the activations' type, float or (GOOSE_BF16_DOT) bf16: the arithmetic's type (see madd).
+// X is the activations' type, the arithmetic's (see madd): float, or bf16 with bf16 weights (GOOSE_BF16_DOT),
+// or int16 with int8 weights (GOOSE_INT16_DOT).
 template <typename W, typename X>
 void linear_many_rows(const X* x, int64_t M, const W* w, const at::BFloat16* scale, int64_t K, int64_t N,
                       float* y) {
@@ -431,6 +442,11 @@ void linear_many_rows(const X* x, int64_t M, const W* w, const at::BFloat16* sca
             } else {
                 widen(w + n * K, rows * K, widened.data());
                 wf = widened.data();
+                // the next block, as stored, fetched all at once while this one is multiplied (measured at 16
+                // rows, int8 weights from DRAM: 10.4 -> 16.9 GB/s with 768-wide rows, 10.4 -> 11.4 with 3072)
+                const char* next = reinterpret_cast<const char*>(w + (n + R) * K);
+                const int64_t bytes = std::min<int64_t>(R, N - n - R) * K * int64_t(sizeof(W));
+                for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
             }
             for (int64_t k0 = 0; k0 < K; k0 += chunk) {
                 const int64_t len = std::min(chunk, K - k0);
@@ -543,27 +559,21 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     const int8_t* qp = q.data_ptr<int8_t>();
     const at::BFloat16* sp = scale.data_ptr<at::BFloat16>();
 #ifdef GOOSE_INT16_DOT
-    if (M <= MAX_ROWS) {   // integer products: the activations quantized to int16, the weights as they are
-        const auto [xq, step] = quantize_rows_int16(x);
-        const int16_t* xp = xq.data_ptr<int16_t>();
+    // integer products at every row count: the activations quantized to int16 per row, the weights as they are
+    // (the many-rows kernel widens each block to int16 once; measured at 16 rows in cache, one thread: 309-338
+    // GFLOP/s, as fast as bf16 pairs on the same blocks widened to bf16, 301-332)
+    const auto [xq, step] = quantize_rows_int16(x);
+    const int16_t* xp = xq.data_ptr<int16_t>();
+    if (M <= MAX_ROWS)
         dispatch_rows(M, [&](auto rows) { linear_rows<decltype(rows)::value>(xp, qp, sp, K, N, yp); });
-        for (int64_t m = 0; m < M; ++m)
+    else
+        linear_many_rows(xp, M, qp, sp, K, N, yp);
+    for (int64_t m = 0; m < M; ++m)
 #pragma omp simd
-            for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= step[m];
-        return y;
-    }
-#endif
-#ifdef GOOSE_BF16_DOT
-    // arithmetic-bound: bf16 pairs, the weights widened (measured at 16 rows in cache, one thread: ~330 GFLOP/s;
-    // the same kernel on int16 activations and weights, vpdpwssd, ~235, though the two instructions issue at the
-    // same rate here)
-    if (M > MAX_ROWS) {
-        const auto xb = x.to(at::kBFloat16);
-        linear_many_rows(xb.data_ptr<at::BFloat16>(), M, qp, sp, K, N, yp);
-        return y;
-    }
-#endif
+        for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= step[m];
+#else
     product(x.data_ptr<float>(), qp, sp, M, K, N, yp);
+#endif
     return y;
 }
 
@@ -902,7 +912,7 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
 
 }  // namespace
 
-// Whether bf16 weights (and beyond MAX_ROWS rows int8 ones) are multiplied in bf16, the activations rounded.
+// Whether bf16 weights are multiplied in bf16, the activations rounded.
 bool bf16_dot() {
 #ifdef GOOSE_BF16_DOT
     return true;
@@ -911,7 +921,7 @@ bool bf16_dot() {
 #endif
 }
 
-// Whether int8 weights (up to MAX_ROWS rows) are multiplied with the activations quantized to int16 per row.
+// Whether int8 weights are multiplied with the activations quantized to int16 per row.
 bool int16_dot() {
 #ifdef GOOSE_INT16_DOT
     return true;
