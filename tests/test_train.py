@@ -4,6 +4,7 @@ Tiny models (L2-D64, head size 16, byte vocabulary) on a small repetitive binidx
 must match bit for bit (resume after ``kill -9``) run in fresh single-threaded subprocesses.
 """
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -366,10 +367,17 @@ def test_tensorboard_is_optional(data, tmp_path):
 DIST_TOL = 1e-5
 
 
-def spawn_world(cfg: dict, world_size: int = 2) -> list[subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports: all bound at once, so that two worlds started together cannot be handed the
+    same rendezvous port (binding one at a time and releasing it, as before, did not rule that out)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def spawn_world(cfg: dict, port: int, world_size: int = 2) -> list[subprocess.Popen]:
     return [spawn(cfg, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             for rank in range(world_size)]
@@ -377,9 +385,10 @@ def spawn_world(cfg: dict, world_size: int = 2) -> list[subprocess.Popen]:
 
 def test_ddp_and_fsdp_follow_the_single_process_trajectory(data, tmp_path):
     cfg = dict(TINY, data=data, steps=8, eval_every=4, save_every=8)
+    ddp_port, fsdp_port = free_ports(2)
     procs = [spawn(dict(cfg, out=str(tmp_path / "single"), micro_batch=2 * cfg["micro_batch"])),
-             *spawn_world(dict(cfg, out=str(tmp_path / "ddp"))),
-             *spawn_world(dict(cfg, out=str(tmp_path / "fsdp"), fsdp=True, grad_checkpoint=True))]
+             *spawn_world(dict(cfg, out=str(tmp_path / "ddp")), ddp_port),
+             *spawn_world(dict(cfg, out=str(tmp_path / "fsdp"), fsdp=True, grad_checkpoint=True), fsdp_port)]
     for p in procs:
         assert p.wait(120) == 0, p.stderr.read()
 
