@@ -71,11 +71,14 @@ def converted(model: torch.nn.Module, fmt: str, group_size: int = 64) -> torch.n
     return quantize(copy.deepcopy(model, memo=shared), fmt, group_size=group_size)
 
 
-def race(contenders: dict[str, Callable[[], float]], repeats: int, desc: str = "") -> dict[str, float]:
-    """Run each contender once per repeat, interleaved; each returns a rate. Returns the median rates.
+def race(contenders: dict[str, Callable[[], float]], repeats: int, desc: str = "",
+         rounds: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Run each contender once per repeat, interleaved; each returns a rate. Returns the median rates; ``rounds``,
+    if given, receives every contender's rate per repeat (for ratios taken within a round, see ``paired``).
 
     A progress bar on stderr (on a terminal only) names the contender running."""
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    rates: dict[str, list[float]] = {name: [] for name in contenders} if rounds is None else rounds
+    rates.update({name: [] for name in contenders})
     with tqdm(total=repeats * len(contenders), desc=desc, leave=False, disable=None) as bar:
         for _ in range(repeats):
             for name, fn in contenders.items():
@@ -83,6 +86,13 @@ def race(contenders: dict[str, Callable[[], float]], repeats: int, desc: str = "
                 rates[name].append(fn())
                 bar.update()
     return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def paired(numerator: list[float], denominator: list[float]) -> float:
+    """The median over repeats of numerator / denominator measured in the same round of a race: on a machine
+    whose speed drifts (shared memory bandwidth), a ratio of two values taken seconds apart varies far less
+    than the ratio of their medians, which may come from different moments."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def timed(fn: Callable[[], object]) -> float:
