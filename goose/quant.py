@@ -19,7 +19,10 @@ native kernels (``ops/csrc/decode.cpp``): where the CPU has AVX512-VNNI, the int
 integers with the activations quantized per row to int16 (each off by at most 1/65534 of its row's largest
 value), else in fp32; up to 4 rows it is read once for all rows, beyond that widened to int16 block by block
 (measured at 16 rows, the 73 int8 matrices of L12-D768: 12.0 ms against 21.6 for torch's packed kernel, which
-rounds the activations to bf16). Logits against fp32: tests/test_quant.py. Otherwise torch's
+rounds the activations to bf16). int4 from 9 to 16 rows (batched decoding) also runs there where the CPU has bf16
+dot products: each block of rows dequantized to bf16 and multiplied in bf16 pairs, the activations rounded to
+bf16 as in torch's packed int4 kernel (``NATIVE_INT4_MIN_ROWS``). Logits against fp32: tests/test_quant.py.
+Otherwise torch's
 weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16
 activations, but degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class
 uses them up to ``packed_max_rows`` rows. Every other case (prefill, big
@@ -154,6 +157,12 @@ def _round_up_to_bf16(x: Tensor) -> Tensor:
     return torch.where(y < x, bumped, y)
 
 
+# from this many rows (up to NATIVE_LINEAR_MAX_ROWS) int4 products go to goose's many-rows kernel, the weight
+# dequantized to bf16 block by block (measured, the 73 int4 matrices of L12-D768: 5 rows 7.6 vs 7.5 ms for
+# torch's packed kernel, 8 rows 8.0 vs 8.0, 10 rows 9.1 vs 11.4, 16 rows 10.6 vs 14.5)
+NATIVE_INT4_MIN_ROWS = 9
+
+
 class Int4Linear(nn.Module):
     """Weight-only int4, asymmetric per group: ``W[o, g*G:(g+1)*G] = (q - 8) * scale[o, g] + zero[o, g]``.
 
@@ -211,6 +220,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
+        if rows >= NATIVE_INT4_MIN_ROWS and native_rows(x, NATIVE_LINEAR_MAX_ROWS) and self.group_size % 64 == 0 \
+                and native.ops("decode").bf16_dot():      # batched decoding: goose's many-rows kernel
+            return call_on_rows(native.ops("decode").linear_int4, x, rows, self.weight, self.scale, self.zero,
+                                self.group_size)
         if _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows) and self.out_features % 16 == 0:
             packed, scales_zeros = self._cpu_kernel_args()
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import goose.ops.gemm as gemm
+from goose import quant
 from goose.ops import linear, matmul, native
 
 # fp32 products of length <= 3072 from different BLAS libraries differ only in summation order
@@ -102,6 +103,29 @@ def test_int8_activations_are_quantized_per_row_to_int16(rows):
     got = native.ops("decode").linear_int8(x.contiguous(), q, scale)        # x @ I: the activations as seen
     assert ((got - x).abs() / x.abs().amax(dim=1, keepdim=True)).max() <= 1 / 65534 + 1e-7
     torch.testing.assert_close(got, _int8_kernel_activations(x), rtol=1e-6, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [9, 16])
+@pytest.mark.parametrize("in_features, out_features, group", [(256, 96, 64), (384, 37, 128)])
+def test_int4_batches_on_the_native_kernel(rows, in_features, out_features, group):
+    """From NATIVE_INT4_MIN_ROWS rows an Int4Linear runs on goose's many-rows kernel where the CPU has bf16 dot
+    products: every weight dequantized exactly and rounded to bf16, the activations rounded to bf16, fp32 sums
+    (full and partial 4-row blocks, several groups per row). Elsewhere it stays within bf16 rounding of that."""
+    g = torch.Generator().manual_seed(rows + group)
+    lin = torch.nn.Linear(in_features, out_features, bias=False)
+    torch.nn.init.normal_(lin.weight, generator=g)
+    q = quant.Int4Linear.from_linear(lin, group)
+    x = torch.randn(rows, in_features, generator=g)
+    exact = x.bfloat16().double() @ q.dequantize().bfloat16().double().T
+    with torch.no_grad():
+        got = q(x)
+    err = ((got.double() - exact).abs().max() / exact.abs().max()).item()
+    if native.ops("decode").bf16_dot():
+        assert rows >= quant.NATIVE_INT4_MIN_ROWS and err < 1e-5
+        assert torch.equal(got, native.ops("decode").linear_int4(x, q.weight, q.scale, q.zero, group))
+    else:
+        assert err < 5e-3
 
 
 @needs_native

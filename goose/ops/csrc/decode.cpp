@@ -10,6 +10,7 @@
 //   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
 //   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: rows of w split over threads)
 //   linear_int8(x [M, K], q [N, K] int8, scale [N] bf16) = x @ (q * scale[:, None]).T
+//   linear_int4(x, q [N, K / 2] uint8, scale, zero [N, K / group] bf16, group) = x @ W.T (batches; AVX512-BF16)
 //
 // M is at most MAX_ROWS, except that `linear` and `linear_int8` take up to MAX_TILE_ROWS (batched decoding):
 // beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch to a register-tiled kernel
@@ -414,6 +415,74 @@ void widen(const W* w, int64_t n, float* out) {
 #endif
 }
 
+// An int4 weight in goose/quant.py's Int4Linear layout: q [N, K / 2] two values per byte (low nibble first),
+// w[n, k] = (q - 8) * scale[n, k / group] + zero[n, k / group].
+struct Int4Weight {
+    const uint8_t* q;
+    const at::BFloat16* scale;
+    const at::BFloat16* zero;
+    int64_t group;
+};
+
+// Rows [n, n + rows) of a weight [N, K] as the many-rows kernel multiplies them (type X): the weight itself when
+// stored as X, else widened into `buffer`.
+template <typename X>
+const X* block_rows(const X* w, int64_t n, int, int64_t K, X*) { return w + n * K; }
+
+template <typename W, typename X>
+const X* block_rows(const W* w, int64_t n, int rows, int64_t K, X* buffer) {
+    widen(w + n * K, rows * K, buffer);
+    return buffer;
+}
+
+#ifdef GOOSE_BF16_DOT
+// int4 rows dequantized to bf16 (the fp32 value (q - 8) * scale + zero is exact before that rounding), 64 values
+// (32 bytes) per step: nibbles interleaved back into input order, widened to fp32, scaled, packed to bf16.
+const at::BFloat16* block_rows(const Int4Weight& w, int64_t n, int rows, int64_t K, at::BFloat16* buffer) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const int64_t groups = K / w.group;
+    for (int r = 0; r < rows; ++r) {
+        const uint8_t* q = w.q + (n + r) * (K / 2);
+        at::BFloat16* out = buffer + r * K;
+        for (int64_t k = 0; k < K; k += 64) {
+            const int64_t g = (n + r) * groups + k / w.group;
+            const __m512 scale = _mm512_set1_ps(static_cast<float>(w.scale[g]));
+            const __m512 zero = _mm512_set1_ps(static_cast<float>(w.zero[g]));
+            const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2));
+            const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
+            const __m256i halves[2] = {_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31)};
+            for (int h = 0; h < 2; ++h) {
+                __m512 v[2];
+                for (int i = 0; i < 2; ++i) {
+                    const __m128i part = i ? _mm256_extracti128_si256(halves[h], 1) : _mm256_castsi256_si128(halves[h]);
+                    const __m512 centred = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)), _mm512_set1_ps(8.f));
+                    v[i] = _mm512_fmadd_ps(centred, scale, zero);
+                }
+                _mm512_storeu_si512(out + k + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+            }
+        }
+    }
+    return buffer;
+}
+#endif
+
+// The stored bytes of rows [n, n + rows), fetched into cache.
+template <typename W>
+void fetch_rows(const W* w, int64_t n, int64_t rows, int64_t K) {
+    const char* p = reinterpret_cast<const char*>(w + n * K);
+    for (int64_t b = 0; b < rows * K * int64_t(sizeof(W)); b += 64) __builtin_prefetch(p + b);
+}
+
+void fetch_rows(const Int4Weight& w, int64_t n, int64_t rows, int64_t K) {
+    const char* p = reinterpret_cast<const char*>(w.q + n * (K / 2));
+    for (int64_t b = 0; b < rows * (K / 2); b += 64) __builtin_prefetch(p + b);
+}
+
+template <typename W>
+int64_t stored_row_bytes(const W*, int64_t K) { return K * int64_t(sizeof(W)); }
+int64_t stored_row_bytes(const Int4Weight&, int64_t K) { return K / 2; }
+
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given, for more rows than MAX_ROWS (batched
 // decode). Arithmetic now outweighs the weight's memory traffic, so the weight is taken 4 rows at a time
 // (widened once if stored narrower than the arithmetic) and every group of 4 activation rows passes over it
@@ -423,31 +492,25 @@ void widen(const W* w, int64_t n, float* out) {
 //
 // X is the activations' type, the arithmetic's (see madd): float, or bf16 with bf16 weights (GOOSE_BF16_DOT),
 // or int16 with int8 weights (GOOSE_INT16_DOT).
-template <typename W, typename X>
-void linear_many_rows(const X* x, int64_t M, const W* w, const at::BFloat16* scale, int64_t K, int64_t N,
+template <typename Weight, typename X>
+void linear_many_rows(const X* x, int64_t M, const Weight& w, const at::BFloat16* scale, int64_t K, int64_t N,
                       float* y) {
     constexpr int R = 4;
-    constexpr bool direct = std::is_same_v<W, X>;
+    constexpr bool direct = std::is_same_v<Weight, const X*>;
     const int64_t chunk = K > 2 * K_CHUNK ? K_CHUNK : K;
-    const int64_t grain = std::max<int64_t>(1, grain_rows(K * sizeof(W)) / R);
+    const int64_t grain = std::max<int64_t>(1, grain_rows(stored_row_bytes(w, K)) / R);
     at::parallel_for(0, (N + R - 1) / R, grain, [&](int64_t begin, int64_t end) {
         std::vector<X> widened(direct ? 0 : R * K);
         float sums[4 * R];
         for (int64_t block = begin; block < end; ++block) {
             const int64_t n = block * R;
             const int rows = static_cast<int>(std::min<int64_t>(R, N - n));
-            const X* wf = nullptr;
-            if constexpr (direct) {
-                wf = w + n * K;
-            } else {
-                widen(w + n * K, rows * K, widened.data());
-                wf = widened.data();
-                // the next block, as stored, fetched all at once while this one is multiplied (measured at 16
-                // rows, int8 weights from DRAM: 10.4 -> 16.9 GB/s with 768-wide rows, 10.4 -> 11.4 with 3072)
-                const char* next = reinterpret_cast<const char*>(w + (n + R) * K);
-                const int64_t bytes = std::min<int64_t>(R, N - n - R) * K * int64_t(sizeof(W));
-                for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
-            }
+            const X* wf = block_rows(w, n, rows, K, widened.data());
+            // a narrower weight: its next block, as stored, fetched all at once while this one is multiplied
+            // (measured at 16 rows, int8 weights from DRAM: 10.4 -> 16.9 GB/s with 768-wide rows, 10.4 -> 11.4
+            // with 3072)
+            if constexpr (!direct)
+                if (n + R < N) fetch_rows(w, n + R, std::min<int64_t>(R, N - n - R), K);
             for (int64_t k0 = 0; k0 < K; k0 += chunk) {
                 const int64_t len = std::min(chunk, K - k0);
                 for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -575,6 +638,32 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     product(x.data_ptr<float>(), qp, sp, M, K, N, yp);
 #endif
     return y;
+}
+
+// x [M, K] @ W.T for an int4 weight (Int4Weight's layout; groups a multiple of 64 inputs), on the many-rows
+// kernel: each block of rows dequantized to bf16, multiplied in bf16 pairs with the activations rounded to bf16
+// (what torch's packed int4 kernel does with its activations too). Batched decoding only: a few rows are
+// torch's packed kernel's (goose/quant.py).
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t group) {
+#ifdef GOOSE_BF16_DOT
+    const int64_t N = q.size(0), K = 2 * q.size(1);
+    TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2,
+                "goose linear_int4: q must be a contiguous uint8 [N, K / 2] matrix");
+    TORCH_CHECK(group > 0 && group % 64 == 0 && K % group == 0, "goose linear_int4: groups of a multiple of 64 "
+                "inputs that divide K = ", K, ", got ", group);
+    for (const auto* t : {&scale, &zero})
+        TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / group),
+                    "goose linear_int4: scale and zero must be bf16 [N, K / group]");
+    check_activations(x, K, MAX_TILE_ROWS);
+    auto y = at::empty({x.size(0), N}, x.options());
+    const auto xb = x.to(at::kBFloat16);
+    const Int4Weight w{q.data_ptr<uint8_t>(), scale.data_ptr<at::BFloat16>(), zero.data_ptr<at::BFloat16>(), group};
+    linear_many_rows(xb.data_ptr<at::BFloat16>(), x.size(0), w, nullptr, K, N, y.data_ptr<float>());
+    return y;
+#else
+    TORCH_CHECK(false, "goose linear_int4: needs a CPU with bf16 dot products (AVX512-BF16)");
+#endif
 }
 
 // Elementwise exp, sigmoid and tanh over arrays, vectorised with vec_exp.h's e^x:
@@ -936,6 +1025,7 @@ TORCH_LIBRARY(goose_decode, m) {
     m.def("linear(Tensor x, Tensor weight) -> Tensor", &linear);
     m.def("matmul(Tensor x, Tensor w) -> Tensor", &matmul);
     m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8);
+    m.def("linear_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor", &linear_int4);
     m.def("token_mix(Tensor x, Tensor shift, Tensor[] coefs, Tensor? ln_weight, Tensor? ln_bias, float eps, "
           "Tensor(a!)? new_shift) -> Tensor", &token_mix);
     m.def("time_mix_step(Tensor r, Tensor k, Tensor v, Tensor mixed, Tensor[] params, Tensor state, "
