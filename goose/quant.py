@@ -14,12 +14,12 @@ model.py is not touched: the math has one copy, and a quantized model is still a
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
   the "Q4_1"-style format, not the symmetric "Q4_0" that broke RWKV in rwkv.cpp.
 
-Kernels. On CPU, int8 with fp32 activations and up to 16 rows (decoding, batched decoding) runs on goose's
+Kernels. On CPU, int8 with fp32 activations and up to 64 rows (decoding, batched decoding) runs on goose's
 native kernels (``ops/csrc/decode.cpp``): where the CPU has AVX512-VNNI, the int8 weight is multiplied in
 integers with the activations quantized per row to int16 (each off by at most 1/65534 of its row's largest
 value), else in fp32; up to 4 rows it is read once for all rows, beyond that widened to int16 block by block
 (measured at 16 rows, the 73 int8 matrices of L12-D768: 12.0 ms against 21.6 for torch's packed kernel, which
-rounds the activations to bf16). int4 from 9 to 16 rows (batched decoding) also runs there where the CPU has bf16
+rounds the activations to bf16). int4 from 9 to 64 rows (batched decoding) also runs there where the CPU has bf16
 dot products: each block of rows dequantized to bf16 and multiplied in bf16 pairs, the activations rounded to
 bf16 as in torch's packed int4 kernel (``NATIVE_INT4_MIN_ROWS``). Logits against fp32: tests/test_quant.py.
 Otherwise torch's
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .checkpoint import own_copy
 from .ops import linear, native, native_rows
-from .ops.gemm import NATIVE_LINEAR_MAX_ROWS, call_on_rows
+from .ops.gemm import call_on_rows
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +59,12 @@ _FILE_FORMAT = "goose.quant.v1"
 _HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
     hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+# int8 and int4 products up to this many rows (batched decoding) run on goose's kernels, which beat torch's
+# packed kernels and the dequantize + GEMM fallback there (measured, the 73 int8 matrices of L12-D768 at 32 / 64
+# rows: 16.7 / 30.6 ms against 25.5 / 46.8 for the fallback; int4 below); more rows (prefill) take the fallback
+NATIVE_QUANT_MAX_ROWS = 64
 
 
 def _packed_path(x: Tensor, rows: int, max_rows: int) -> bool:
@@ -134,7 +140,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if native_rows(x, NATIVE_LINEAR_MAX_ROWS):     # fp32 activations, decoding: goose's kernels
+        if native_rows(x, NATIVE_QUANT_MAX_ROWS):      # fp32 activations, decoding: goose's kernels
             return call_on_rows(native.ops("decode").linear_int8, x, rows, self.weight, self.scale)
         if _HAS_INT8_MM and _packed_path(x, rows, self.packed_max_rows):
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
@@ -157,9 +163,9 @@ def _round_up_to_bf16(x: Tensor) -> Tensor:
     return torch.where(y < x, bumped, y)
 
 
-# from this many rows (up to NATIVE_LINEAR_MAX_ROWS) int4 products go to goose's many-rows kernel, the weight
+# from this many rows (up to NATIVE_QUANT_MAX_ROWS) int4 products go to goose's many-rows kernel, the weight
 # dequantized to bf16 block by block (measured, the 73 int4 matrices of L12-D768: 5 rows 7.6 vs 7.5 ms for
-# torch's packed kernel, 8 rows 8.0 vs 8.0, 10 rows 9.1 vs 11.4, 16 rows 10.6 vs 14.5)
+# torch's packed kernel, 8 rows 8.0 vs 8.0, 10 rows 9.1 vs 11.4, 16 rows 10.6 vs 14.5, 64 rows 27.8 vs 53.2)
 NATIVE_INT4_MIN_ROWS = 9
 
 
@@ -220,7 +226,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if rows >= NATIVE_INT4_MIN_ROWS and native_rows(x, NATIVE_LINEAR_MAX_ROWS) and self.group_size % 64 == 0 \
+        if rows >= NATIVE_INT4_MIN_ROWS and native_rows(x, NATIVE_QUANT_MAX_ROWS) and self.group_size % 64 == 0 \
                 and native.ops("decode").bf16_dot():      # batched decoding: goose's many-rows kernel
             return call_on_rows(native.ops("decode").linear_int4, x, rows, self.weight, self.scale, self.zero,
                                 self.group_size)

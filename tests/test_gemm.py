@@ -57,7 +57,7 @@ def test_every_kernel_equals_torch(rows, lead, transposed_weight):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 14, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 14, 16, 33])
 @pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1002), (64, 768), (3072, 64),
                                                        (2001, 37), (512, 2999)])
 def test_native_kernels_against_fp64(rows, in_features, out_features):
@@ -106,7 +106,7 @@ def test_int8_activations_are_quantized_per_row_to_int16(rows):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [9, 16])
+@pytest.mark.parametrize("rows", [9, 16, 33])
 @pytest.mark.parametrize("in_features, out_features, group", [(256, 96, 64), (384, 37, 128)])
 def test_int4_batches_on_the_native_kernel(rows, in_features, out_features, group):
     """From NATIVE_INT4_MIN_ROWS rows an Int4Linear runs on goose's many-rows kernel where the CPU has bf16 dot

@@ -76,8 +76,9 @@ def test_fp32_format_is_exact(model, tokens):
 
 @pytest.mark.parametrize("cls,kw", [(quant.Int8Linear, {}), (quant.Int4Linear, {"group_size": 32})])
 def test_kernel_equals_fallback_equals_dequantized(cls, kw):
-    """Rows <= packed_max_rows use torch's packed CPU kernel; more rows the plain-torch fallback; both must
-    equal x @ W.T with the dequantized weight (up to the bf16 rounding of activations and outputs)."""
+    """A few rows take a kernel (goose's for int8, torch's packed one for int4 at this group size); more rows
+    than any kernel takes, the plain-torch fallback; both must equal x @ W.T with the dequantized weight (up to
+    the bf16 rounding of activations and outputs)."""
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(256, 96, bias=False)
     nn.init.normal_(lin.weight, generator=g)
@@ -85,10 +86,10 @@ def test_kernel_equals_fallback_equals_dequantized(cls, kw):
     w = q.dequantize()
     assert (w - lin.weight).abs().max() <= (0.51 / 127 if cls is quant.Int8Linear else 0.6 / 15) * \
         lin.weight.abs().max() * 2
-    x = torch.randn(q.packed_max_rows + 8, 256, generator=g)
+    x = torch.randn(max(q.packed_max_rows, quant.NATIVE_QUANT_MAX_ROWS) + 8, 256, generator=g)
     ref = x.bfloat16().float() @ w.T
     with torch.no_grad():
-        few = torch.cat([q(x[i:i + 4]) for i in range(0, x.shape[0], 4)])    # packed kernel
+        few = torch.cat([q(x[i:i + 4]) for i in range(0, x.shape[0], 4)])    # a kernel
         many = q(x)                                                         # fallback
     for out in (few, many):
         assert ((out - ref).norm() / ref.norm()).item() < 5e-3

@@ -53,7 +53,7 @@
 namespace {
 
 constexpr int64_t MAX_ROWS = 4;          // rows of the streaming matrix-vector kernels
-constexpr int64_t MAX_TILE_ROWS = 64;    // rows of the many-rows kernel (ops/gemm.py uses it up to 16)
+constexpr int64_t MAX_TILE_ROWS = 64;    // rows of the many-rows kernel (ops/gemm.py uses it up to 16, quant.py 64)
 // weight rows streamed together by `linear`: 8 (measured ~10% faster than 4 at one row), 4 when the
 // accumulators of more activation rows would not fit the 32 vector registers
 template <int M>
