@@ -77,7 +77,7 @@ def race(contenders: dict[str, Callable[[], float]], repeats: int, desc: str = "
     if given, receives every contender's rate per repeat (for ratios taken within a round, see ``paired``).
 
     A progress bar on stderr (on a terminal only) names the contender running."""
-    rates: dict[str, list[float]] = {name: [] for name in contenders} if rounds is None else rounds
+    rates: dict[str, list[float]] = {} if rounds is None else rounds
     rates.update({name: [] for name in contenders})
     with tqdm(total=repeats * len(contenders), desc=desc, leave=False, disable=None) as bar:
         for _ in range(repeats):
