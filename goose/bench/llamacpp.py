@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from goose.bench.common import DEFAULT_CACHE, checkpoint, converted, machine, print_table, race
+from goose.bench.common import DEFAULT_CACHE, checkpoint, converted, machine, paired, print_table, race
 from goose.bench.inference import _goose_decode, _goose_prefill
 from goose.checkpoint import load
 
@@ -120,21 +120,26 @@ def run(llama_bench: str | Path = DEFAULT_LLAMA_BENCH, size: str = "L12-D768",
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {threads} threads for both; "
           f"load average at start {info['load_average']}")
     print(f"llama-bench: {bench}")
-    rates = race(contenders, repeats, f"{size} goose vs llama.cpp")
+    rounds: dict[str, list[float]] = {}
+    rates = race(contenders, repeats, f"{size} goose vs llama.cpp", rounds)
     load_end = os.getloadavg()
     res = {"size": size, "threads": threads, "repeats": repeats, "n_prompt": n_prompt, "n_gen": n_gen,
-           "machine": info, "load_average_end": load_end, "llama_bench": str(bench), "rates": rates}
+           "machine": info, "load_average_end": load_end, "llama_bench": str(bench), "rates": rates,
+           "rounds": rounds}
     rows = []
     for fmt in formats:
         t = LLAMA_TYPES[fmt]
         g_tg, l_tg = rates[f"goose {fmt} tg"], rates[f"llama.cpp {t} tg"]
         g_pp, l_pp = rates[f"goose {fmt} pp"], rates[f"llama.cpp {t} pp"]
-        rows.append([f"goose {fmt} / llama.cpp {t}", g_tg, l_tg, f"{g_tg / l_tg:.2f}x", g_pp, l_pp,
-                     f"{g_pp / l_pp:.2f}x"])
+        tg_paired = paired(rounds[f"goose {fmt} tg"], rounds[f"llama.cpp {t} tg"])
+        pp_paired = paired(rounds[f"goose {fmt} pp"], rounds[f"llama.cpp {t} pp"])
+        rows.append([f"goose {fmt} / llama.cpp {t}", g_tg, l_tg, f"{g_tg / l_tg:.2f}x", f"{tg_paired:.2f}x",
+                     g_pp, l_pp, f"{g_pp / l_pp:.2f}x", f"{pp_paired:.2f}x"])
     print_table(f"{size}, random weights: goose vs llama.cpp, {threads} threads (tok/s, median of {repeats} "
-                f"interleaved rounds; decode = tg{n_gen} at batch 1, prefill = pp{n_prompt})",
-                ["", f"goose tg{n_gen}", f"llama.cpp tg{n_gen}", "goose/llama.cpp",
-                 f"goose pp{n_prompt}", f"llama.cpp pp{n_prompt}", "goose/llama.cpp"], rows)
+                f"interleaved rounds; decode = tg{n_gen} at batch 1, prefill = pp{n_prompt}; paired = median over "
+                f"rounds of that round's ratio)",
+                ["", f"goose tg{n_gen}", f"llama.cpp tg{n_gen}", "goose/llama.cpp", "paired",
+                 f"goose pp{n_prompt}", f"llama.cpp pp{n_prompt}", "goose/llama.cpp", "paired"], rows)
     print(f"\nload average: start {info['load_average']}, end {load_end}")
     if out:
         Path(out).write_text(json.dumps(res, indent=1, default=str))
