@@ -590,21 +590,29 @@ std::pair<at::Tensor, std::vector<float>> quantize_rows_int16(const at::Tensor& 
     std::vector<float> step(M);
     const float* xp = x.data_ptr<float>();
     int16_t* qp = xq.data_ptr<int16_t>();
+    const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
     for (int64_t m = 0; m < M; ++m) {
-        float amax = 0.f;
-        bool finite = true;
-        for (int64_t k = 0; k < K; ++k) {
-            amax = std::max(amax, std::abs(xp[m * K + k]));
-            finite = finite && std::isfinite(xp[m * K + k]);
+        const float* row = xp + m * K;
+        __m512 amax = _mm512_setzero_ps();
+        __mmask16 bad = 0;                    // lanes that saw an inf or a NaN (|x| >= inf, or unordered)
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(K - k), row + k));
+            amax = _mm512_max_ps(amax, a);
+            bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);
         }
-        if (!finite) {
+        if (bad) {
             step[m] = std::numeric_limits<float>::quiet_NaN();
             std::fill(qp + m * K, qp + (m + 1) * K, int16_t(0));
             continue;
         }
-        step[m] = amax > 0.f ? amax / 32767.f : 1.f;
-        for (int64_t k = 0; k < K; ++k)
-            qp[m * K + k] = static_cast<int16_t>(std::nearbyint(xp[m * K + k] / step[m]));
+        const float largest = _mm512_reduce_max_ps(amax);
+        step[m] = largest > 0.f ? largest / 32767.f : 1.f;
+        const __m512 divisor = _mm512_set1_ps(step[m]);
+        for (int64_t k = 0; k < K; k += 16) {   // x / step rounded to nearest even, as std::nearbyint
+            const __mmask16 mask = tail_mask(K - k);
+            const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, row + k), divisor));
+            _mm256_mask_storeu_epi16(qp + m * K + k, mask, _mm512_cvtepi32_epi16(q));
+        }
     }
     return {xq, step};
 }
