@@ -39,6 +39,7 @@ reads it back; ``is_quantized_file`` tells such files apart.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -65,6 +66,12 @@ _HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
 # packed kernels and the dequantize + GEMM fallback there (measured, the 73 int8 matrices of L12-D768 at 32 / 64
 # rows: 16.7 / 30.6 ms against 25.5 / 46.8 for the fallback; int4 below); more rows (prefill) take the fallback
 NATIVE_QUANT_MAX_ROWS = 64
+
+
+@functools.cache
+def _native_bf16_dot() -> bool:
+    """Whether the native kernels multiply bf16 pairs (the int4 batch kernel needs it); asked once."""
+    return native.load("decode") and native.ops("decode").bf16_dot()
 
 
 def _packed_path(x: Tensor, rows: int, max_rows: int) -> bool:
@@ -226,8 +233,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if rows >= NATIVE_INT4_MIN_ROWS and native_rows(x, NATIVE_QUANT_MAX_ROWS) and self.group_size % 64 == 0 \
-                and native.ops("decode").bf16_dot():      # batched decoding: goose's many-rows kernel
+        if rows >= NATIVE_INT4_MIN_ROWS and self.group_size % 64 == 0 and native_rows(x, NATIVE_QUANT_MAX_ROWS) \
+                and _native_bf16_dot():                  # batched decoding: goose's many-rows kernel
             return call_on_rows(native.ops("decode").linear_int4, x, rows, self.weight, self.scale, self.zero,
                                 self.group_size)
         if _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows) and self.out_features % 16 == 0:

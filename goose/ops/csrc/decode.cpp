@@ -12,9 +12,9 @@
 //   linear_int8(x [M, K], q [N, K] int8, scale [N] bf16) = x @ (q * scale[:, None]).T
 //   linear_int4(x, q [N, K / 2] uint8, scale, zero [N, K / group] bf16, group) = x @ W.T (batches; AVX512-BF16)
 //
-// M is at most MAX_ROWS, except that `linear` and `linear_int8` take up to MAX_TILE_ROWS (batched decoding):
-// beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch to a register-tiled kernel
-// (linear_many_rows). AVX-512 code where the compiler targets it (-march=native), portable loops
+// M is at most MAX_ROWS, except that `linear`, `linear_int8` and `linear_int4` take up to MAX_TILE_ROWS
+// (batched decoding): beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch to a
+// register-tiled kernel (linear_many_rows). AVX-512 code where the compiler targets it (-march=native), portable loops
 // (auto-vectorised) elsewhere.
 //
 // The small operations of an RWKV-7 step, fused (each is a few dozen tiny torch ops otherwise):
@@ -349,31 +349,6 @@ void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, i
     }
 }
 
-// y[M, N] = x[M, K] @ w[K, N] (the LoRA layout: a few rows against a small weight). Threads split the K rows
-// of w, so each streams a contiguous part of it (splitting the columns instead would stride through every
-// row, which reads LoRA weights from DRAM at a fraction of the bandwidth), accumulating its partial product
-// in its own small buffer, summed at the end.
-template <int M>
-void matmul_split_k(const float* x, const float* w, int64_t K, int64_t N, float* y) {
-    const int threads = at::get_num_threads();
-    if (threads == 1 || at::in_parallel_region()) {   // one thread does it all: no partial products
-        std::fill(y, y + M * N, 0.f);
-        for (int64_t n0 = 0; n0 < N; n0 += COL_BLOCK)
-            axpy_columns<M>(x, w, K, N, 0, K, n0, std::min(COL_BLOCK, N - n0), y);
-        return;
-    }
-    std::vector<float> partial(int64_t(threads) * M * N, 0.f);
-    at::parallel_for(0, K, std::max<int64_t>(1, GRAIN_BYTES / (N * int64_t(sizeof(float)))), [&](int64_t begin, int64_t end) {
-        float* acc = partial.data() + int64_t(at::get_thread_num()) * M * N;
-        for (int64_t n0 = 0; n0 < N; n0 += COL_BLOCK)
-            axpy_columns<M>(x, w, K, N, begin, end, n0, std::min(COL_BLOCK, N - n0), acc);
-    });
-    std::copy(partial.begin(), partial.begin() + M * N, y);
-    for (int t = 1; t < threads; ++t)
-#pragma omp simd
-        for (int64_t i = 0; i < M * N; ++i) y[i] += partial[int64_t(t) * M * N + i];
-}
-
 void check_activations(const at::Tensor& x, int64_t K, int64_t max_rows = MAX_ROWS) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
                 "goose gemv: x must be a contiguous fp32 CPU matrix [M, K]");
@@ -390,6 +365,39 @@ void dispatch_rows(int64_t rows, F&& f) {
         case 3: f(std::integral_constant<int, 3>{}); break;
         default: f(std::integral_constant<int, 4>{}); break;
     }
+}
+
+// y[b, n0:n1] += sum_{k0 <= k < k1} x[b, k] w[k, n0:n1] for b < B (w row-major [K, N]; rows of x are K apart,
+// of y N apart): MAX_ROWS rows and COL_BLOCK columns at a time.
+void axpy_range(const float* x, const float* w, int64_t B, int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0,
+                int64_t n1, float* y) {
+    for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS)
+        dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
+            for (int64_t c = n0; c < n1; c += COL_BLOCK)
+                axpy_columns<decltype(rows)::value>(x + b0 * K, w, K, N, k0, k1, c, std::min(COL_BLOCK, n1 - c),
+                                                    y + b0 * N);
+        });
+}
+
+// y[M, N] = x[M, K] @ w[K, N] (the LoRA layout: a few rows against a small weight). Threads split the K rows
+// of w, so each streams a contiguous part of it (splitting the columns instead would stride through every
+// row, which reads LoRA weights from DRAM at a fraction of the bandwidth), accumulating its partial product
+// in its own small buffer, summed at the end.
+void matmul_split_k(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y) {
+    const int threads = at::get_num_threads();
+    if (threads == 1 || at::in_parallel_region()) {   // one thread does it all: no partial products
+        std::fill(y, y + M * N, 0.f);
+        axpy_range(x, w, M, K, N, 0, K, 0, N, y);
+        return;
+    }
+    std::vector<float> partial(int64_t(threads) * M * N, 0.f);
+    at::parallel_for(0, K, std::max<int64_t>(1, GRAIN_BYTES / (N * int64_t(sizeof(float)))), [&](int64_t begin, int64_t end) {
+        axpy_range(x, w, M, K, N, begin, end, 0, N, partial.data() + int64_t(at::get_thread_num()) * M * N);
+    });
+    std::copy(partial.begin(), partial.begin() + M * N, y);
+    for (int t = 1; t < threads; ++t)
+#pragma omp simd
+        for (int64_t i = 0; i < M * N; ++i) y[i] += partial[int64_t(t) * M * N + i];
 }
 
 #ifdef GOOSE_INT16_DOT
@@ -573,10 +581,7 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w) {
                 "goose matmul: w must be a contiguous fp32 [K, N] matrix");
     check_activations(x, w.size(0));
     auto y = at::empty({x.size(0), w.size(1)}, x.options());
-    dispatch_rows(x.size(0), [&](auto rows) {
-        matmul_split_k<decltype(rows)::value>(x.data_ptr<float>(), w.data_ptr<float>(), w.size(0), w.size(1),
-                                              y.data_ptr<float>());
-    });
+    matmul_split_k(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), w.size(0), w.size(1), y.data_ptr<float>());
     return y;
 }
 
@@ -634,11 +639,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     // (the many-rows kernel widens each block to int16 once; measured at 16 rows in cache, one thread: 309-338
     // GFLOP/s, as fast as bf16 pairs on the same blocks widened to bf16, 301-332)
     const auto [xq, step] = quantize_rows_int16(x);
-    const int16_t* xp = xq.data_ptr<int16_t>();
-    if (M <= MAX_ROWS)
-        dispatch_rows(M, [&](auto rows) { linear_rows<decltype(rows)::value>(xp, qp, sp, K, N, yp); });
-    else
-        linear_many_rows(xp, M, qp, sp, K, N, yp);
+    product(xq.data_ptr<int16_t>(), qp, sp, M, K, N, yp);
     for (int64_t m = 0; m < M; ++m)
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= step[m];
@@ -942,14 +943,7 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
 #endif
         const int64_t k0 = C * t / T, k1 = C * (t + 1) / T;
         float* mine = partial.data() + int64_t(t) * hidden_size;
-        for (const auto& l : loras)
-            for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS)
-                dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
-                    for (int64_t n0 = 0; n0 < l.rank; n0 += COL_BLOCK)
-                        axpy_columns<decltype(rows)::value>(l.x + b0 * C, f(p[l.down]), C, l.rank, k0, k1, n0,
-                                                            std::min(COL_BLOCK, l.rank - n0),
-                                                            mine + l.offset + b0 * l.rank);
-                });
+        for (const auto& l : loras) axpy_range(l.x, f(p[l.down]), B, C, l.rank, k0, k1, 0, l.rank, mine + l.offset);
 #pragma omp barrier
         // every thread sums the partial products itself (a few hundred values each)
         std::vector<float> hidden(hidden_size, 0.f);
@@ -963,13 +957,7 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(const at::Tensor& r, const at::
         for (const auto& l : loras) {
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t c = c0; c < c0 + width; ++c) l.out[b * C + c] = l.bias ? l.bias[c] : 0.f;
-            for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS)
-                dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
-                    for (int64_t n0 = c0; n0 < c0 + width; n0 += COL_BLOCK)
-                        axpy_columns<decltype(rows)::value>(hidden.data() + l.offset + b0 * l.rank, f(p[l.up]), l.rank,
-                                                            C, 0, l.rank, n0, std::min(COL_BLOCK, c0 + width - n0),
-                                                            l.out + b0 * C);
-                });
+            axpy_range(hidden.data() + l.offset, f(p[l.up]), B, l.rank, C, 0, l.rank, c0, c0 + width, l.out);
         }
         for (int64_t b = 0; b < B; ++b) {
             const int64_t o = b * C + c0;
