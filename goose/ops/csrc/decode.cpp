@@ -62,6 +62,12 @@ constexpr int row_block() { return M <= 2 ? 8 : 4; }
 // 1024-wide int8 rows: 24-34 -> 35-39 GB/s with the software prefetch below, which int8 always takes)
 constexpr int64_t SHORT_INT8_ROW = 1024;
 constexpr int64_t COL_BLOCK = 64;               // output columns accumulated together by `matmul`
+// LoRA-layout products (axpy_range) pass over a tile of COL_BLOCK columns and this many rows of the weight
+// (16 KB: it stays in L1 while every group of MAX_ROWS activation rows passes over it), fetching the weight
+// row LORA_PREFETCH_ROWS ahead in software. Measured at batch 16 (L12-D768 time-mix, per layer): 216 -> 188 us,
+// at batch 4 92 -> 67 us; the first pass over a tile otherwise waits on DRAM at ~7 GB/s per core.
+constexpr int64_t LORA_TILE_ROWS = 64;
+constexpr int64_t LORA_PREFETCH_ROWS = 16;
 constexpr int64_t PREFETCH_HEADS = 2;           // how far ahead time_mix_step fetches head states
 constexpr int64_t PREFETCH_BLOCKS = 1;          // how far ahead (in row blocks) the linear kernels fetch weights
 // the streaming kernels prefetch from 2 rows: one row of fp32 or bf16 weights streams as fast on the hardware
@@ -235,6 +241,12 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
         __m512 wv[V];
 #pragma GCC unroll 4
         for (int j = 0; j < V; ++j) wv[j] = _mm512_maskz_loadu_ps(mask[j], w + k * N + n0 + 16 * j);
+        if (k + LORA_PREFETCH_ROWS < K) {
+            const float* ahead = w + (k + LORA_PREFETCH_ROWS) * N + n0;
+#pragma GCC unroll 4
+            for (int j = 0; j < V; ++j)
+                if (16 * j < width) _mm_prefetch(reinterpret_cast<const char*>(ahead + 16 * j), _MM_HINT_T0);
+        }
 #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
             const __m512 xv = _mm512_set1_ps(x[m * K + k]);
@@ -368,15 +380,16 @@ void dispatch_rows(int64_t rows, F&& f) {
 }
 
 // y[b, n0:n1] += sum_{k0 <= k < k1} x[b, k] w[k, n0:n1] for b < B (w row-major [K, N]; rows of x are K apart,
-// of y N apart): MAX_ROWS rows and COL_BLOCK columns at a time.
+// of y N apart): tiles of LORA_TILE_ROWS x COL_BLOCK of w, each passed over by every group of MAX_ROWS rows.
 void axpy_range(const float* x, const float* w, int64_t B, int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0,
                 int64_t n1, float* y) {
-    for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS)
-        dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
-            for (int64_t c = n0; c < n1; c += COL_BLOCK)
-                axpy_columns<decltype(rows)::value>(x + b0 * K, w, K, N, k0, k1, c, std::min(COL_BLOCK, n1 - c),
-                                                    y + b0 * N);
-        });
+    for (int64_t c = n0; c < n1; c += COL_BLOCK)
+        for (int64_t tile = k0; tile < k1; tile += LORA_TILE_ROWS)
+            for (int64_t b0 = 0; b0 < B; b0 += MAX_ROWS)
+                dispatch_rows(std::min(MAX_ROWS, B - b0), [&](auto rows) {
+                    axpy_columns<decltype(rows)::value>(x + b0 * K, w, K, N, tile, std::min(tile + LORA_TILE_ROWS, k1),
+                                                        c, std::min(COL_BLOCK, n1 - c), y + b0 * N);
+                });
 }
 
 // y[M, N] = x[M, K] @ w[K, N] (the LoRA layout: a few rows against a small weight). Threads split the K rows
