@@ -14,21 +14,22 @@ model.py is not touched: the math has one copy, and a quantized model is still a
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
   the "Q4_1"-style format, not the symmetric "Q4_0" that broke RWKV in rwkv.cpp.
 
-Kernels. On CPU, int8 with fp32 activations and up to 64 rows (decoding, batched decoding) runs on goose's
-native kernels (``ops/csrc/decode.cpp``): where the CPU has AVX512-VNNI, the int8 weight is multiplied in
-integers with the activations quantized per row to int16 (each off by at most 1/65534 of its row's largest
-value), else in fp32; up to 4 rows it is read once for all rows, beyond that widened to int16 block by block
-(measured at 16 rows, the 73 int8 matrices of L12-D768: 12.0 ms against 21.6 for torch's packed kernel, which
-rounds the activations to bf16). int4 from 9 to 64 rows (batched decoding) also runs there where the CPU has bf16
-dot products: each block of rows dequantized to bf16 and multiplied in bf16 pairs, the activations rounded to
-bf16 as in torch's packed int4 kernel (``NATIVE_INT4_MIN_ROWS``). Logits against fp32: tests/test_quant.py.
-Otherwise torch's
-weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16
-activations, but degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class
-uses them up to ``packed_max_rows`` rows. Every other case (prefill, big
-batches, other devices, a torch without those ops) uses the plain-torch fallback: dequantize a block of
-output rows to the activation's dtype (bf16 activations on CPU for large inputs) and call ``F.linear``;
-blocks keep the temporary below ``DEQUANT_BLOCK_BYTES``. Both paths use the same stored numbers.
+Kernels. On CPU, int8 with up to 64 rows (decoding, batched decoding) runs on goose's native kernels
+(``ops/csrc/decode.cpp``): where the CPU has AVX512-VNNI, the int8 weight is multiplied in integers with the
+activations quantized per row to int16 (each off by at most 1/65534 of its row's largest value), the weight kept
+in memory in those kernels' "pairs" layout (``to_pairs``: 16 output rows' pairs of inputs side by side, so one
+vector of weights serves every activation row without sums across lanes; measured at 16 rows, the 73 int8
+matrices of L12-D768: 5.9 ms against 8.9 in the [out, in] layout and 21.6 for torch's packed kernel, which rounds
+the activations to bf16); elsewhere with fp32 activations in fp32, the weight as [out, in]. int4 from 9 to 64
+rows (batched decoding) also runs there where the CPU has bf16 dot products: each block of rows dequantized to
+bf16 and multiplied in bf16 pairs, the activations rounded to bf16 as in torch's packed int4 kernel
+(``NATIVE_INT4_MIN_ROWS``). Logits against fp32: tests/test_quant.py. Otherwise torch's weight-only kernels
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16 activations, but
+degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class uses them up to
+``packed_max_rows`` rows. Every other case (prefill, big batches, other devices, a torch without those ops)
+uses the plain-torch fallback: dequantize a block of output rows to the activation's dtype (bf16 activations
+on CPU for large inputs) and call ``F.linear``; blocks keep the temporary below ``DEQUANT_BLOCK_BYTES``. Both
+paths use the same stored numbers.
 
 Scales are rounded to bf16 *before* the weights are quantized, so the bf16 scales the CPU kernels take
 are exact, and the fast path and the fallback compute with identical weights.
@@ -122,7 +123,12 @@ class DenseLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 with per-output-channel scales: ``W = weight * scale[:, None]``."""
+    """Weight-only int8 with per-output-channel scales: ``W = weight * scale[:, None]``.
+
+    ``state_dict()`` and files hold ``weight`` as ``[out, in]``. On a CPU whose native kernels multiply int8 in
+    int16 pairs, the module keeps it in those kernels' "pairs" layout instead (``to_pairs``; ``pairs`` is then
+    True): same bytes, rearranged, converted back wherever the ``[out, in]`` form is needed.
+    """
 
     packed_max_rows = 16     # measured: beyond, dequantize + bf16 GEMM is as fast (`goose bench kernels`)
 
@@ -131,6 +137,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.pairs = False
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -140,27 +147,97 @@ class Int8Linear(nn.Module):
         scale = _round_up_to_bf16(scale)                # exact in bf16, and never below absmax / 127
         m.weight = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         m.scale = scale.to(torch.bfloat16)              # exact: the kernel's bf16 scales lose nothing
+        m._arrange()
         return m
 
+    def _arrange(self) -> None:
+        """Take the pairs layout where the native kernels use it (CPU, int16 pairs, an even in_features)."""
+        if not self.pairs and self.weight.is_cpu and self.in_features % 2 == 0 and _native_int16_dot():
+            self.weight = own_copy(to_pairs(self.weight), self.weight.device, torch.int8)
+            self.pairs = True
+
+    def _standard(self) -> None:
+        """Back to the ``[out, in]`` layout."""
+        if self.pairs:
+            self.weight = from_pairs(self.weight, self.out_features, self.in_features).contiguous()
+            self.pairs = False
+
+    def rows(self, lo: int = 0, hi: int | None = None) -> Tensor:
+        """Rows ``lo:hi`` of the int8 weight as ``[out, in]``, whatever the layout in memory."""
+        if not self.pairs:
+            return self.weight[lo:hi]
+        hi = self.out_features if hi is None else min(hi, self.out_features)
+        g0, g1 = lo // PAIR_GROUP, -(-hi // PAIR_GROUP)
+        block = from_pairs(self.weight[g0:g1], (g1 - g0) * PAIR_GROUP, self.in_features)
+        return block[lo - g0 * PAIR_GROUP:hi - g0 * PAIR_GROUP]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.pairs:
+            destination[prefix + "weight"] = self.rows()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._standard()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._arrange()
+
+    def _apply(self, fn, recurse=True):                 # .to()/.cuda(): moved as [out, in], arranged again on CPU
+        self._standard()
+        out = super()._apply(fn, recurse)
+        self._arrange()
+        return out
+
     def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.weight[lo:hi].to(dtype) * self.scale[lo:hi, None].to(dtype)
+        return self.rows(lo, hi).to(dtype) * self.scale[lo:hi, None].to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if native_rows(x, NATIVE_QUANT_MAX_ROWS):      # fp32 activations, decoding: goose's kernels
+        if self.pairs:                                  # any activation dtype: the kernel quantizes them to int16
+            x32 = x.float()
+            if native_rows(x32, NATIVE_QUANT_MAX_ROWS):
+                out = call_on_rows(native.ops("decode").linear_int8_pairs, x32, rows, self.weight, self.scale)
+                return out.to(x.dtype)
+        elif native_rows(x, NATIVE_QUANT_MAX_ROWS):    # fp32 activations, decoding: goose's kernels
             return call_on_rows(native.ops("decode").linear_int8, x, rows, self.weight, self.scale)
-        if _HAS_INT8_MM and _packed_path(x, rows, self.packed_max_rows):
+        if _HAS_INT8_MM and not self.pairs and _packed_path(x, rows, self.packed_max_rows):
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         dt = _compute_dtype(x)
         # int8 values are exact in bf16/fp16/fp32: scale the output once instead of every weight
-        out = _blocked_linear(x.to(dt), self.out_features, lambda lo, hi: self.weight[lo:hi].to(dt),
+        out = _blocked_linear(x.to(dt), self.out_features, lambda lo, hi: self.rows(lo, hi).to(dt),
                               self.in_features * torch.finfo(dt).bits // 8)
         return (out.float() * self.scale.float()).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+        layout = ", pairs layout" if self.pairs else ""
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel{layout}"
+
+
+PAIR_GROUP = 16    # output rows per group of the pairs layout (csrc/decode.cpp)
+
+
+def to_pairs(q: Tensor) -> Tensor:
+    """An int8 ``[N, K]`` weight (K even) in the native kernels' pairs layout ``[ceil(N / 16), 16 K]``: groups of
+    16 output rows (zero rows pad the last), in each the inputs in pairs with the 16 rows' pairs side by side
+    (``[group, K / 2, 16, 2]``), so that one vector load holds 16 outputs' next two inputs."""
+    N, K = q.shape
+    groups = -(-N // PAIR_GROUP)
+    padded = q.new_zeros(groups * PAIR_GROUP, K)
+    padded[:N] = q
+    return padded.view(groups, PAIR_GROUP, K // 2, 2).transpose(1, 2).reshape(groups, PAIR_GROUP * K)
+
+
+def from_pairs(p: Tensor, N: int, K: int) -> Tensor:
+    """The ``[N, K]`` weight of a pairs-layout one (``to_pairs``' inverse)."""
+    groups = p.shape[0]
+    return p.view(groups, K // 2, PAIR_GROUP, 2).transpose(1, 2).reshape(groups * PAIR_GROUP, K)[:N]
+
+
+@functools.cache
+def _native_int16_dot() -> bool:
+    """Whether the native kernels multiply int8 in int16 pairs (the pairs layout needs it); asked once."""
+    return native.load("decode") and native.ops("decode").int16_dot()
 
 
 def _round_up_to_bf16(x: Tensor) -> Tensor:

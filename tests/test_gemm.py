@@ -61,10 +61,11 @@ def test_every_kernel_equals_torch(rows, lead, transposed_weight):
 @pytest.mark.parametrize("in_features, out_features", [(768, 3072), (17, 5), (100, 1002), (64, 768), (3072, 64),
                                                        (2001, 37), (512, 2999)])
 def test_native_kernels_against_fp64(rows, in_features, out_features):
-    """Every native op (both weight layouts, int8 weights) at shapes with and without vector-width tails;
-    1-4 rows run the streaming kernels, more the many-rows one (``linear``/``linear_int8`` only): full and
+    """Every native op (both weight layouts, int8 weights in both layouts) at shapes with and without vector-width
+    tails; 1-4 rows run the streaming kernels, more the many-rows one (``linear``/``linear_int8`` only): full and
     partial 4 x 4 tiles, and output counts that are not a multiple of 4 (512 x 2999: each thread's share of
-    short int8 rows, streamed 16 at a time, ends in a partial block)."""
+    short int8 rows, streamed 16 at a time, ends in a partial block). The pairs layout: partial blocks of 16-row
+    groups, passes of 8 activation rows and fewer, inputs in several chunks of 256 pairs (3072) or exactly one (512)."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
     q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
@@ -73,6 +74,8 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     exact = x.double() @ weight.double().T
     exact_q = _int8_kernel_activations(x).double() @ (q.double() * scale.double()[:, None]).T
     cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), exact_q)]
+    if ops.int16_dot() and in_features % 2 == 0:          # Int8Linear's layout on such CPUs
+        cases.append((ops.linear_int8_pairs(x, quant.to_pairs(q), scale), exact_q))
     if rows <= gemm.NATIVE_MAX_ROWS:
         cases.append((ops.matmul(x, weight.T.contiguous()), exact))
     for got, want in cases:
@@ -139,11 +142,27 @@ def test_non_finite_activations_give_non_finite_outputs(rows):
     if rows > 1:
         x[1, 5] = float("inf")
     w, q, scale = torch.randn(24, 40), torch.randint(-127, 128, (24, 40), dtype=torch.int8), torch.ones(24).bfloat16()
-    for out in (ops.linear(x, w), ops.linear(x, w.bfloat16()), ops.linear_int8(x, q, scale)):
+    outs = [ops.linear(x, w), ops.linear(x, w.bfloat16()), ops.linear_int8(x, q, scale)]
+    if ops.int16_dot():
+        outs.append(ops.linear_int8_pairs(x, quant.to_pairs(q), scale))
+    for out in outs:
         assert out[0].isnan().all()
         if rows > 1:
             assert not out[1].isfinite().any()
             assert out[2:].isfinite().all()
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 16])
+def test_int8_pairs_sums_do_not_overflow(rows):
+    """The pairs layout sums a whole dot product in one int32 lane: at the extremes (every activation at its
+    row's largest value, every weight at 127) 3072 inputs would overflow it without the kernel's chunks."""
+    ops = native.ops("decode")
+    if not ops.int16_dot():
+        pytest.skip("no int16 dot products on this CPU: no pairs layout")
+    x, q = torch.ones(rows, 3072), torch.full((20, 3072), 127, dtype=torch.int8)
+    out = ops.linear_int8_pairs(x, quant.to_pairs(q), torch.ones(20).bfloat16())
+    assert torch.equal(out, torch.full((rows, 20), 127.0 * 3072))
 
 
 @needs_native
@@ -157,6 +176,12 @@ def test_native_kernels_refuse_bad_operands():
         ops.linear(torch.randn(1, 8), torch.randn(3, 9))
     with pytest.raises(RuntimeError, match="fp32"):
         ops.matmul(torch.randn(1, 8).double(), torch.randn(8, 3))
+    if ops.int16_dot():
+        pairs = quant.to_pairs(torch.zeros(20, 64, dtype=torch.int8))
+        with pytest.raises(RuntimeError, match="groups"):
+            ops.linear_int8_pairs(torch.randn(1, 64), pairs, torch.ones(40).bfloat16())
+        with pytest.raises(RuntimeError, match="columns"):
+            ops.linear_int8_pairs(torch.randn(1, 66), pairs, torch.ones(20).bfloat16())
 
 
 @pytest.mark.parametrize("rows", [1, 7])

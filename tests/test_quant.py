@@ -95,6 +95,34 @@ def test_kernel_equals_fallback_equals_dequantized(cls, kw):
         assert ((out - ref).norm() / ref.norm()).item() < 5e-3
 
 
+def test_int8_pairs_layout_is_invisible_outside_the_kernels():
+    """Where the native kernels multiply int8 in int16 pairs, an Int8Linear keeps its weight in their pairs layout;
+    state_dict, rows(), load_state_dict and module moves all see the [out, in] weight, and any activation dtype
+    takes the kernel."""
+    if not quant._native_int16_dot():
+        pytest.skip("no int16 dot products on this CPU: the [out, in] layout stays")
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(96, 37, bias=False)                  # 37 outputs: the last group of 16 is padded
+    nn.init.normal_(lin.weight, generator=g)
+    q = quant.Int8Linear.from_linear(lin)
+    standard = (lin.weight.detach() / q.scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    assert q.pairs and q.weight.shape == (3, 16 * 96)
+    assert torch.equal(q.rows(), standard) and torch.equal(q.rows(5, 30), standard[5:30])
+    sd = q.state_dict()
+    assert torch.equal(sd["weight"], standard) and torch.equal(quant.from_pairs(q.weight, 37, 96), standard)
+    other = quant.Int8Linear(96, 37)
+    other.load_state_dict(sd)
+    assert other.pairs and torch.equal(other.weight, q.weight)
+    q.to("cpu")                                          # a module move: back to [out, in] and arranged again
+    assert q.pairs and torch.equal(q.rows(), standard)
+    x = torch.randn(5, 96, generator=g)
+    want = x.double() @ q.dequantize().double().T
+    with torch.no_grad():
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+            out = q(x.to(dtype))
+            assert out.dtype == dtype and ((out.double() - want).norm() / want.norm()).item() < tol
+
+
 def test_fallback_under_autograd_and_blocked_dequantization(monkeypatch):
     """With grad enabled the packed kernels (no autograd formula) are skipped; a big matrix is
     dequantized block by block."""

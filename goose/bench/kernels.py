@@ -52,7 +52,7 @@ def run(rows=(1, 4, 16, 64, 1024), repeats: int = 5) -> dict:
     raw = {  # torch's kernels called directly at every row count, bypassing goose's choice of path
         "fp16 F.linear, raw": (variants["fp16 weights"], lambda x, m: F.linear(x.half(), m.weight)),
         "_weight_int8pack_mm, raw": (variants["int8 (native <= 64 rows, then fallback)"],
-                                     lambda x, m: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), m.weight, m.scale)),
+                                     lambda x, m: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), m.rows(), m.scale)),
         "_weight_int4pack_mm_for_cpu, raw": (variants["int4 (group 64; packed <= 8 rows, native <= 64)"],
                                              lambda x, m: torch.ops.aten.
                                              _weight_int4pack_mm_for_cpu(x.bfloat16(), *_int4_args(m))),

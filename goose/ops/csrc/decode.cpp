@@ -683,6 +683,168 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     return y;
 }
 
+#ifdef GOOSE_INT16_DOT
+// int8 weights in the "pairs" layout (goose/quant.py Int8Linear on CPUs with int16 dot products): [G, K / 2, 16, 2],
+// G = ceil(N / 16) groups of 16 output rows (zero rows pad the last), in each the inputs in pairs (2p, 2p + 1)
+// with the 16 rows' pairs side by side. One 32-byte load widened to int16 is 16 outputs' next two inputs; one
+// vpdpwssd multiplies it by a broadcast pair of int16 activations into the 16 outputs' int32 sums. No horizontal
+// sums at the end, and with many activation rows each widened weight vector serves all of them from registers
+// (the [N, K] layout's many-rows kernel widens every block into a buffer first and sums each dot product across
+// lanes; measured, the 73 int8 matrices of L12-D768 at 16 rows, 2 threads: 8.9 -> 5.9 ms; at one row as fast).
+constexpr int64_t PAIR_GROUP = 16;     // output rows per group
+constexpr int64_t PAIR_BYTES = 32;     // one pair of inputs for the 16 rows of a group
+// each lane sums a whole dot product in int32: 2 products of at most 32767 * 127 per pair, so at most 256 pairs
+// (2.13e9 < 2^31) before the sums go to fp32
+constexpr int64_t PAIR_CHUNK = 256;
+
+// acc[m][v] += x pairs [m, p] . W pairs [group v, p] for p in [p0, p1) (x: int16 pairs as int32, rows KP apart;
+// w: the first of V consecutive groups, KP * 32 bytes each), fetching `fetch` (the same places of later groups,
+// if given) a line per group every second pair.
+template <int M, int V>
+__attribute__((always_inline)) inline void pair_products(const int32_t* x, int64_t KP, const int8_t* w, int64_t p0,
+                                                         int64_t p1, __m512i (&acc)[M][V], const int8_t* fetch) {
+    const int64_t ahead = fetch ? fetch - w : 0;
+    for (int64_t p = p0; p < p1; ++p) {
+        __m512i wv[V];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) {
+            const int8_t* at = w + (v * KP + p) * PAIR_BYTES;
+            if (fetch && (p & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(at + ahead), _MM_HINT_T0);
+            __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+            if constexpr (M > 1) asm("" : "+v"(wide));     // in a register, not re-loaded per row (see dot_step)
+            wv[v] = wide;
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+            __m512i pair = _mm512_set1_epi32(x[m * KP + p]);
+            if constexpr (V > 1) asm("" : "+v"(pair));
+#pragma GCC unroll 8
+            for (int v = 0; v < V; ++v) {
+                __m512i sum = acc[m][v];     // through a local: an array element as the asm operand kept acc in memory
+                asm("vpdpwssd %2, %1, %0" : "+v"(sum) : "v"(wv[v]), "v"(pair));
+                acc[m][v] = sum;
+            }
+        }
+    }
+}
+
+// y[m, 16 (g + v) + o] (+)= acc[m][v][o] * scale[16 (g + v) + o] * step[m], for outputs below N.
+template <int M, int V>
+__attribute__((always_inline)) inline void store_pairs(const __m512i (&acc)[M][V], float* y, int64_t N, int64_t g,
+                                                      const at::BFloat16* scale, const float* step, bool add) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {   // no early exit: the loop must unroll for acc to stay in registers
+        const int64_t n = (g + v) * PAIR_GROUP;
+        const __mmask16 mask = tail_mask(std::max<int64_t>(0, N - n));
+        const __m512 s = load_operand(scale + n, mask);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+            float* out = y + m * N + n;
+            __m512 r = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][v]), s), _mm512_set1_ps(step[m]));
+            if (add) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask, out));
+            _mm512_mask_storeu_ps(out, mask, r);
+        }
+    }
+}
+
+// One tile of the products in the pairs layout: rows [0, M) of x against groups [g, g + V), pairs [p0, p1), in
+// chunks of PAIR_CHUNK; y is added to after the first pair.
+template <int M, int V>
+void pair_tile(const int32_t* x, int64_t KP, const int8_t* w, int64_t g, int64_t p0, int64_t p1, float* y, int64_t N,
+               const at::BFloat16* scale, const float* step, const int8_t* fetch) {
+    for (int64_t c0 = p0; c0 < p1; c0 += PAIR_CHUNK) {
+        __m512i acc[M][V];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+            for (int v = 0; v < V; ++v) acc[m][v] = _mm512_setzero_si512();
+        pair_products<M, V>(x, KP, w + g * KP * PAIR_BYTES, c0, std::min(p1, c0 + PAIR_CHUNK), acc, fetch);
+        store_pairs<M, V>(acc, y, N, g, scale, step, c0 > 0);
+    }
+}
+
+// Calls f.template operator()<M>() for 1 <= rows <= 8.
+template <typename F>
+void dispatch_rows8(int64_t rows, F&& f) {
+    switch (rows) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 5: f(std::integral_constant<int, 5>{}); break;
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 7: f(std::integral_constant<int, 7>{}); break;
+        default: f(std::integral_constant<int, 8>{}); break;
+    }
+}
+
+// x [M, K] @ W.T for an int8 weight in the pairs layout ([G, 16 K] int8), scale [N] bf16: the activations
+// quantized to int16 per row as in linear_int8. Up to MAX_ROWS rows, each block of V groups streams once for
+// all rows (the next block fetched in software); more rows pass over a block 8 at a time while it sits in L1 (a
+// long K in chunks), the first pass fetching the next block.
+at::Tensor linear_int8_pairs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) % (2 * PAIR_BYTES) == 0,
+                "goose linear_int8_pairs: q must be a contiguous int8 [ceil(N / 16), 16 K] matrix, K even");
+    const int64_t K = q.size(1) / PAIR_GROUP, KP = K / 2, N = scale.numel(), G = q.size(0);
+    TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && (N + PAIR_GROUP - 1) / PAIR_GROUP == G,
+                "goose linear_int8_pairs: scale must be bf16 [N] with ceil(N / 16) = ", G, " groups");
+    check_activations(x, K, MAX_TILE_ROWS);
+    const int64_t M = x.size(0);
+    auto y = at::empty({M, N}, x.options());
+    const auto [xq, step] = quantize_rows_int16(x);
+    const int32_t* xp = reinterpret_cast<const int32_t*>(xq.data_ptr<int16_t>());
+    const int8_t* w = q.data_ptr<int8_t>();
+    const at::BFloat16* sp = scale.data_ptr<at::BFloat16>();
+    float* yp = y.data_ptr<float>();
+    const int64_t group_bytes = KP * PAIR_BYTES;
+    if (M <= MAX_ROWS) {
+        dispatch_rows(M, [&](auto rows) {
+            // 4 groups a block (8 measured no faster at one row, 10% slower at two; R x V accumulators <= 16)
+            constexpr int R = decltype(rows)::value, V = 4;
+            const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (V * group_bytes));
+            at::parallel_for(0, (G + V - 1) / V, grain, [&](int64_t b0, int64_t b1) {
+                for (int64_t b = b0; b < b1; ++b) {
+                    const int64_t g = b * V;
+                    const int8_t* fetch = b + 1 < b1 ? w + (g + V) * group_bytes : nullptr;
+                    if (g + V <= G)
+                        pair_tile<R, V>(xp, KP, w, g, 0, KP, yp, N, sp, step.data(), fetch);
+                    else
+                        for (int64_t h = g; h < G; ++h)
+                            pair_tile<R, 1>(xp, KP, w, h, 0, KP, yp, N, sp, step.data(), nullptr);
+                }
+            });
+        });
+        return y;
+    }
+    constexpr int V = 2;
+    const int64_t chunk = PAIR_CHUNK;    // 2 groups' chunk: 16 KB, in L1 while all rows pass over it
+    const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (V * group_bytes));
+    at::parallel_for(0, (G + V - 1) / V, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+            const int64_t g = b * V;
+            const bool full = g + V <= G;
+            for (int64_t p0 = 0; p0 < KP; p0 += chunk) {
+                const int64_t p1 = std::min(KP, p0 + chunk);
+                for (int64_t m0 = 0; m0 < M; m0 += 8) {
+                    const int8_t* fetch = m0 == 0 && b + 1 < b1 ? w + (g + V) * group_bytes : nullptr;
+                    const int32_t* xs = xp + m0 * KP;
+                    float* ys = yp + m0 * N;
+                    const float* steps = step.data() + m0;
+                    dispatch_rows8(std::min<int64_t>(8, M - m0), [&](auto rows) {
+                        constexpr int R = decltype(rows)::value;
+                        if (full)
+                            pair_tile<R, V>(xs, KP, w, g, p0, p1, ys, N, sp, steps, fetch);
+                        else
+                            pair_tile<R, 1>(xs, KP, w, g, p0, p1, ys, N, sp, steps, nullptr);
+                    });
+                }
+            }
+        }
+    });
+    return y;
+}
+#endif
+
 // x [M, K] @ W.T for an int4 weight (Int4Weight's layout; groups a multiple of 64 inputs), on the many-rows
 // kernel: each block of rows dequantized to bf16, multiplied in bf16 pairs with the activations rounded to bf16
 // (what torch's packed int4 kernel does with its activations too). Batched decoding only: a few rows are
@@ -1056,6 +1218,9 @@ TORCH_LIBRARY(goose_decode, m) {
     m.def("matmul(Tensor x, Tensor w) -> Tensor", &matmul);
     m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8);
     m.def("linear_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor", &linear_int4);
+#ifdef GOOSE_INT16_DOT
+    m.def("linear_int8_pairs(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8_pairs);
+#endif
     m.def("token_mix(Tensor x, Tensor shift, Tensor[] coefs, Tensor? ln_weight, Tensor? ln_bias, float eps, "
           "Tensor(a!)? new_shift) -> Tensor", &token_mix);
     m.def("time_mix_step(Tensor r, Tensor k, Tensor v, Tensor mixed, Tensor[] params, Tensor state, "
