@@ -64,7 +64,7 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     """Every native op (both weight layouts, int8 weights in both layouts) at shapes with and without vector-width
     tails; 1-4 rows run the streaming kernels, more the many-rows one (``linear``/``linear_int8`` only): full and
     partial 4 x 4 tiles, and output counts that are not a multiple of 4 (512 x 2999: each thread's share of
-    short int8 rows, streamed 16 at a time, ends in a partial block). The pairs layout: partial blocks of 16-row
+    rows ends in a partial block). The pairs layout: partial blocks of 16-row
     groups, passes of 8 activation rows and fewer, inputs in several chunks of 256 pairs (3072) or exactly one (512)."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
@@ -72,10 +72,10 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     scale = (torch.rand(out_features, generator=g) + 0.5).bfloat16()
     ops = native.ops("decode")
     exact = x.double() @ weight.double().T
-    exact_q = _int8_kernel_activations(x).double() @ (q.double() * scale.double()[:, None]).T
-    cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), exact_q)]
+    dequantized = q.double() * scale.double()[:, None]
+    cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), x.double() @ dequantized.T)]
     if ops.int16_dot() and in_features % 2 == 0:          # Int8Linear's layout on such CPUs
-        cases.append((ops.linear_int8_pairs(x, quant.to_pairs(q), scale), exact_q))
+        cases.append((ops.linear_int8_pairs(x, quant.to_pairs(q), scale), _int16(x).double() @ dequantized.T))
     if rows <= gemm.NATIVE_MAX_ROWS:
         cases.append((ops.matmul(x, weight.T.contiguous()), exact))
     for got, want in cases:
@@ -83,11 +83,9 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5   # fp32 sums of <= 3072 terms
 
 
-def _int8_kernel_activations(x: torch.Tensor) -> torch.Tensor:
-    """What linear_int8 multiplies the int8 weights with: with AVX512-VNNI the rows of x quantized to int16
-    (step = max |row| / 32767, rounded to nearest even), at every row count; else x itself."""
-    if not native.ops("decode").int16_dot():
-        return x
+def _int16(x: torch.Tensor) -> torch.Tensor:
+    """What linear_int8_pairs multiplies the int8 weights with: the rows of x quantized to int16 (step = max |row|
+    / 32767, rounded to nearest even)."""
     step = x.abs().amax(dim=1, keepdim=True) / 32767
     step = torch.where(step > 0, step, torch.ones_like(step))
     return torch.round(x / step) * step
@@ -96,16 +94,18 @@ def _int8_kernel_activations(x: torch.Tensor) -> torch.Tensor:
 @needs_native
 @pytest.mark.parametrize("rows", [3, 9])
 def test_int8_activations_are_quantized_per_row_to_int16(rows):
-    """Where the products are integer ones, an int8 weight sees each activation row at 16-bit precision:
-    relative to the row's largest value, every activation is off by at most 1 / 65534 (streaming kernel: 3
-    rows; many-rows kernel: 9)."""
+    """Where the products are integer ones (the pairs layout), an int8 weight sees each activation row at 16-bit
+    precision: relative to the row's largest value, every activation is off by at most 1 / 65534 (streaming
+    kernel: 3 rows; many-rows kernel: 9)."""
+    if not native.ops("decode").int16_dot():
+        pytest.skip("no int16 dot products on this CPU: int8 weights meet fp32 activations")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(rows, 300, generator=g) * torch.tensor([1.0, 1e-3, 50.0]).repeat(3)[:rows, None]
     x[1, 7] = 0.0
     q, scale = torch.eye(300, dtype=torch.int8), torch.ones(300, dtype=torch.bfloat16)
-    got = native.ops("decode").linear_int8(x.contiguous(), q, scale)        # x @ I: the activations as seen
+    got = native.ops("decode").linear_int8_pairs(x.contiguous(), quant.to_pairs(q), scale)   # x @ I: x as seen
     assert ((got - x).abs() / x.abs().amax(dim=1, keepdim=True)).max() <= 1 / 65534 + 1e-7
-    torch.testing.assert_close(got, _int8_kernel_activations(x), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, _int16(x), rtol=1e-6, atol=0)
 
 
 @needs_native

@@ -4,18 +4,20 @@
 // kernels stream each weight row (or column block) once, for all activation rows at a time, on torch's
 // own thread pool (at::parallel_for over output features). Activations are fp32 and so is the
 // accumulation (only the summation order differs from a BLAS), except that with AVX512-BF16 a bf16 weight
-// is multiplied in bf16, the activations rounded to bf16, and with AVX512-VNNI an int8 weight in integers,
-// the activations quantized to int16 per row.
+// is multiplied in bf16, the activations rounded to bf16, and with AVX512-VNNI an int8 weight in the pairs
+// layout in integers, the activations quantized to int16 per row.
 //
 //   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
 //   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: rows of w split over threads)
 //   linear_int8(x [M, K], q [N, K] int8, scale [N] bf16) = x @ (q * scale[:, None]).T
+//   linear_int8_pairs(x [M, K], pairs [ceil(N / 16), 16 K] int8, scale [N] bf16) = the same, the weight in the
+//                                                  pairs layout (AVX512-VNNI)
 //   linear_int4(x, q [N, K / 2] uint8, scale, zero [N, K / group] bf16, group) = x @ W.T (batches; AVX512-BF16)
 //
-// M is at most MAX_ROWS, except that `linear`, `linear_int8` and `linear_int4` take up to MAX_TILE_ROWS
-// (batched decoding): beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch to a
-// register-tiled kernel (linear_many_rows). AVX-512 code where the compiler targets it (-march=native), portable loops
-// (auto-vectorised) elsewhere.
+// M is at most MAX_ROWS, except that `linear`, `linear_int8`, `linear_int8_pairs` and `linear_int4` take up to
+// MAX_TILE_ROWS (batched decoding): beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch
+// to register-tiled kernels (linear_many_rows; the pairs layout's own). AVX-512 code where the compiler targets
+// it (-march=native), portable loops (auto-vectorised) elsewhere.
 //
 // The small operations of an RWKV-7 step, fused (each is a few dozen tiny torch ops otherwise):
 //   token_mix(x, shift, coefs, ...) = [x + (shift - x) * c for c in coefs]      (the token-shift lerps,
@@ -58,9 +60,6 @@ constexpr int64_t MAX_TILE_ROWS = 64;    // rows of the many-rows kernel (ops/ge
 // accumulators of more activation rows would not fit the 32 vector registers
 template <int M>
 constexpr int row_block() { return M <= 2 ? 8 : 4; }
-// int8 weights at one activation row: rows up to this long are streamed 16 at a time (measured on 768- and
-// 1024-wide int8 rows: 24-34 -> 35-39 GB/s with the software prefetch below, which int8 always takes)
-constexpr int64_t SHORT_INT8_ROW = 1024;
 constexpr int64_t COL_BLOCK = 64;               // output columns accumulated together by `matmul`
 // LoRA-layout products (axpy_range) pass over a tile of COL_BLOCK columns and this many rows of the weight
 // (16 KB: it stays in L1 while every group of MAX_ROWS activation rows passes over it), fetching the weight
@@ -72,13 +71,10 @@ constexpr int64_t PREFETCH_HEADS = 2;           // how far ahead time_mix_step f
 constexpr int64_t PREFETCH_BLOCKS = 1;          // how far ahead (in row blocks) the linear kernels fetch weights
 // the streaming kernels prefetch from 2 rows: one row of fp32 or bf16 weights streams as fast on the hardware
 // prefetcher alone, more (measured, 4 rows on L12-D768's weights: 15.5 -> 14.4 ms per step's products) do not.
-// int8 weights prefetch at one row too: each byte costs more instructions (widening, integer pairs), so fewer
-// weight lines are in flight on the out-of-order window alone (measured at one row: 22-30 -> 30-35 GB/s)
+// int8 weights prefetch at one row too: each byte costs more instructions (widening), so fewer weight lines are
+// in flight on the out-of-order window alone (measured at one row, int8 in int16 pairs: 22-30 -> 30-35 GB/s)
 constexpr int PREFETCH_MIN_ROWS = 2;
 constexpr int64_t K_CHUNK = 1024;                // the many-rows kernel splits longer dot products into chunks
-// int16 dot products sum in int32: 2 products of at most 32767 * 127 per lane and step of 32, so at most
-// 4096 elements (1.07e9 < 2^31) before the sums go to fp32
-constexpr int64_t INT16_DOT_MAX_K = 4096;
 constexpr int64_t GRAIN_BYTES = 128 << 10;      // smallest share of the weight worth a thread
 
 #ifdef GOOSE_AVX512
@@ -86,8 +82,8 @@ constexpr int64_t GRAIN_BYTES = 128 << 10;      // smallest share of the weight 
 __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // One step's operands. With a 16-lane mask: 16 values as fp32 (fp32 arithmetic; bf16 and int8 weights
-// widened). With a 32-lane mask: 32 bf16 or int16 values as they are (int8 weights sign-extended to int16),
-// for the pair products below. Masked lanes read nothing and are zero.
+// widened). With a 32-lane mask: 32 bf16 values as they are, for the pair products below. Masked lanes read
+// nothing and are zero.
 inline __m512 load_operand(const float* p, __mmask16 mask) {
     return mask == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p);
 }
@@ -103,29 +99,13 @@ inline __m512 load_operand(const at::BFloat16* p, __mmask16 mask) {   // bf16 is
 inline __m512i load_operand(const at::BFloat16* p, __mmask32 mask) {
     return mask == ~__mmask32(0) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p);
 }
-inline __m512i load_operand(const int16_t* p, __mmask32 mask) {
-    return mask == ~__mmask32(0) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p);
-}
-inline __m512i load_operand(const int8_t* p, __mmask32 mask) {
-    return _mm512_cvtepi8_epi16(mask == ~__mmask32(0) ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                                       : _mm256_maskz_loadu_epi8(mask, p));
-}
 
 // acc + w * x in the arithmetic of the activations' type (the first argument only selects it): fp32 FMAs;
-// bf16 pairs (vdpbf16ps: 32 products into 16 fp32 sums per instruction, twice the FMA's products); int16
-// pairs into int32 sums (vpdpwssd; dot_rows converts them to fp32 at the end).
+// bf16 pairs (vdpbf16ps: 32 products into 16 fp32 sums per instruction, twice the FMA's products).
 inline __m512 madd(const float*, __m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
 #ifdef GOOSE_BF16_DOT
 inline __m512 madd(const at::BFloat16*, __m512 acc, __m512i w, __m512i x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
-}
-#endif
-#ifdef GOOSE_INT16_DOT
-inline __m512i madd(const int16_t*, __m512i acc, __m512i w, __m512i x) {
-    // in place: GCC 12 copies the accumulator out and back around the intrinsic (two moves per product, which
-    // ran the 16-row kernel at ~0.7x its rate)
-    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
-    return acc;
 }
 #endif
 
@@ -177,27 +157,20 @@ inline __m512 reduce16(const __m512 (&acc)[4][4]) {
 }
 
 // The M x R dot products of length K of rows ld apart (ld = K for whole rows; more for a chunk of them), in
-// steps of 16 fp32 activations or, for bf16 or int16 activations, of 32. `ahead`, if given: the first of
+// steps of 16 fp32 activations or, for bf16 activations, of 32. `ahead`, if given: the first of
 // AHEAD weight rows needed later, fetched into cache alongside (at several activation rows a core is busy
 // enough with arithmetic that the hardware prefetcher alone falls behind). `lines` cache lines from `fetch`
 // (bytes needed later) are fetched too, spread over the steps.
 template <int M, int R, int AHEAD = 1, typename X, typename W>
 void dot_rows(const X* x, const W* w, int64_t ld, int64_t K, float* sums /* [M][R] */, const W* ahead = nullptr,
               const char* fetch = nullptr, int64_t lines = 0) {
-    constexpr int STEP = std::is_same_v<X, float> ? 16 : 32;     // fp32: 16 per step; bf16, int16: 32
+    constexpr int STEP = std::is_same_v<X, float> ? 16 : 32;     // fp32: 16 per step; bf16: 32
     using Mask = std::conditional_t<STEP == 16, __mmask16, __mmask32>;
-    constexpr bool integer = std::is_same_v<X, int16_t>;
-    using Acc = std::conditional_t<integer, __m512i, __m512>;
-    Acc acc[M][R];
+    __m512 acc[M][R];
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j) {
-            if constexpr (integer)
-                acc[m][j] = _mm512_setzero_si512();
-            else
-                acc[m][j] = _mm512_setzero_ps();
-        }
+        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
     // line i at step i * 2^spacing, the widest spacing that fits them all (the last steps may fetch a few lines
     // past them: harmless), so that the loop tests no count
     int spacing = 0;
@@ -214,24 +187,14 @@ void dot_rows(const X* x, const W* w, int64_t ld, int64_t K, float* sums /* [M][
     }
     if (k < K) dot_step<M, R>(x, w, ld, k, Mask((1ull << (K - k)) - 1), acc);
     for (int64_t i = K / STEP; fetch && i < lines; ++i) _mm_prefetch(fetch + (i << 6), _MM_HINT_T0);   // > 1 a step
-    __m512 total[M][R];    // the sums as fp32
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m)
-#pragma GCC unroll 16
-        for (int j = 0; j < R; ++j) {
-            if constexpr (integer)
-                total[m][j] = _mm512_cvtepi32_ps(acc[m][j]);
-            else
-                total[m][j] = acc[m][j];
-        }
     if constexpr (M == 4 && R == 4) {
-        _mm512_storeu_ps(sums, reduce16(total));    // the many-rows kernel reads them back as one vector
+        _mm512_storeu_ps(sums, reduce16(acc));    // the many-rows kernel reads them back as one vector
         return;
     }
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(total[m][j]);
+        for (int j = 0; j < R; ++j) sums[m * R + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
 
 // y[m, n0:n0+width] += sum_{k0 <= k < k1} x[m, k] w[k, n0:n0+width] (w row-major [K, N], width <= COL_BLOCK).
@@ -299,23 +262,6 @@ void axpy_columns(const float* x, const float* w, int64_t K, int64_t N, int64_t 
 
 int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(8, GRAIN_BYTES / std::max<int64_t>(1, row_bytes)); }
 
-// dot_rows over whole rows of length K; int16 activations in chunks of INT16_DOT_MAX_K.
-template <int M, int R, int AHEAD = 1, typename X, typename W>
-void dot_rows_whole(const X* x, const W* w, int64_t K, float* sums, const W* ahead = nullptr) {
-    constexpr int64_t chunk = std::is_same_v<X, int16_t> ? INT16_DOT_MAX_K : INT64_MAX;
-    if (K <= chunk) {
-        dot_rows<M, R, AHEAD>(x, w, K, K, sums, ahead);
-        return;
-    }
-    float part[M * R];
-    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-        dot_rows<M, R, AHEAD>(x + k0, w + k0, K, std::min(chunk, K - k0), k0 ? part : sums,
-                              ahead ? ahead + k0 : nullptr);
-        if (k0)
-            for (int i = 0; i < M * R; ++i) sums[i] += part[i];
-    }
-}
-
 // y[m * N + j] (=|+=) sums[m][j] * scale[j] for m < G, j < R (a tile of dot products; `add` after the first
 // chunk of a long K).
 template <int G, int R>
@@ -349,11 +295,11 @@ void stream_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, i
         int64_t n = begin;
         for (; n + R <= end; n += R) {
             const bool fetch = FETCH && n + (PREFETCH_BLOCKS + 1) * R <= end;
-            dot_rows_whole<M, R, R>(x, w + n * K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
+            dot_rows<M, R, R>(x, w + n * K, K, K, sums, fetch ? w + (n + PREFETCH_BLOCKS * R) * K : nullptr);
             store_tile<M, R>(sums, y + n, N, scale ? scale + n : nullptr, false);
         }
         for (; n < end; ++n) {
-            dot_rows_whole<M, 1>(x, w + n * K, K, sums);
+            dot_rows<M, 1>(x, w + n * K, K, K, sums);
             store_tile<M, 1>(sums, y + n, N, scale ? scale + n : nullptr, false);
         }
     });
@@ -362,14 +308,7 @@ void stream_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, i
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given (up to MAX_ROWS rows).
 template <int M, typename W, typename X>
 void linear_rows(const X* x, const W* w, const at::BFloat16* scale, int64_t K, int64_t N, float* y) {
-    if constexpr (M == 1 && std::is_same_v<W, int8_t>) {
-        if (K <= SHORT_INT8_ROW)
-            stream_rows<1, 16, true>(x, w, scale, K, N, y);
-        else
-            stream_rows<1, row_block<1>(), true>(x, w, scale, K, N, y);
-    } else {
-        stream_rows<M, row_block<M>(), (M >= PREFETCH_MIN_ROWS)>(x, w, scale, K, N, y);
-    }
+    stream_rows<M, row_block<M>(), (M >= PREFETCH_MIN_ROWS || std::is_same_v<W, int8_t>)>(x, w, scale, K, N, y);
 }
 
 void check_activations(const at::Tensor& x, int64_t K, int64_t max_rows = MAX_ROWS) {
@@ -423,20 +362,6 @@ void matmul_split_k(const float* x, const float* w, int64_t M, int64_t K, int64_
 #pragma omp simd
         for (int64_t i = 0; i < M * N; ++i) y[i] += partial[int64_t(t) * M * N + i];
 }
-
-#ifdef GOOSE_INT16_DOT
-// int8 weight values as int16, for the many-rows kernel's integer form.
-void widen(const int8_t* w, int64_t n, int16_t* out) {
-    int64_t i = 0;
-#pragma GCC unroll 4
-    for (; i + 32 <= n; i += 32)   // no mask in the main loop: measured ~3% of a 16-row int8 step
-        _mm512_storeu_si512(out + i, load_operand(w + i, ~__mmask32(0)));
-    if (i < n) {
-        const __mmask32 mask = __mmask32((1ull << (n - i)) - 1);
-        _mm512_mask_storeu_epi16(out + i, mask, load_operand(w + i, mask));
-    }
-}
-#endif
 
 // Weight values as fp32 (bf16 and int8 weights, for the many-rows kernel, which reuses each row).
 template <typename W>
@@ -521,8 +446,7 @@ int64_t stored_row_bytes(const Int4Weight&, int64_t K) { return K / 2; }
 // K runs in chunks, so that the weight block and an activation group both fit L1 (measured at 16 rows,
 // 768 x 3072 from DRAM: 187 -> ~230 GFLOP/s).
 //
-// X is the activations' type, the arithmetic's (see madd): float, or bf16 with bf16 weights (GOOSE_BF16_DOT),
-// or int16 with int8 weights (GOOSE_INT16_DOT).
+// X is the activations' type, the arithmetic's (see madd): float, or bf16 with bf16 weights (GOOSE_BF16_DOT).
 template <typename Weight, typename X>
 void linear_many_rows(const X* x, int64_t M, const Weight& w, const at::BFloat16* scale, int64_t K, int64_t N,
                       float* y) {
@@ -539,9 +463,9 @@ void linear_many_rows(const X* x, int64_t M, const Weight& w, const at::BFloat16
             const int rows = static_cast<int>(std::min<int64_t>(R, N - n));
             const X* wf = block_rows(w, n, rows, K, widened.data());
             // a narrower weight: its next block, as stored (contiguous), fetched while this one is multiplied,
-            // spread evenly over this block's calls of dot_rows (measured at 16 rows, int8 weights from DRAM:
-            // 10.4 -> 16.9 GB/s fetching it all at once before the block's products; spread instead, L12 steps
-            // 3-6% faster at batch 16 in int8 and int4, 12% at 9 rows in int8)
+            // spread evenly over this block's calls of dot_rows (measured at 16 rows with int8 weights, then
+            // multiplied here in int16 pairs, from DRAM: 10.4 -> 16.9 GB/s fetching it all at once before the
+            // block's products; spread instead, L12 steps 3-6% faster at batch 16 in int8 and int4)
             const char* next = nullptr;
             int64_t next_lines = 0, lines_per_call = 0;
             if constexpr (!direct)
@@ -668,18 +592,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     float* yp = y.data_ptr<float>();
     const int8_t* qp = q.data_ptr<int8_t>();
     const at::BFloat16* sp = scale.data_ptr<at::BFloat16>();
-#ifdef GOOSE_INT16_DOT
-    // integer products at every row count: the activations quantized to int16 per row, the weights as they are
-    // (the many-rows kernel widens each block to int16 once; measured at 16 rows in cache, one thread: 309-338
-    // GFLOP/s, as fast as bf16 pairs on the same blocks widened to bf16, 301-332)
-    const auto [xq, step] = quantize_rows_int16(x);
-    product(xq.data_ptr<int16_t>(), qp, sp, M, K, N, yp);
-    for (int64_t m = 0; m < M; ++m)
-#pragma omp simd
-        for (int64_t n = 0; n < N; ++n) yp[m * N + n] *= step[m];
-#else
-    product(x.data_ptr<float>(), qp, sp, M, K, N, yp);
-#endif
+    product(x.data_ptr<float>(), qp, sp, M, K, N, yp);   // in fp32 (CPUs with VNNI take the pairs layout)
     return y;
 }
 
@@ -720,7 +633,9 @@ __attribute__((always_inline)) inline void pair_products(const int32_t* x, int64
             if constexpr (V > 1) asm("" : "+v"(pair));
 #pragma GCC unroll 8
             for (int v = 0; v < V; ++v) {
-                __m512i sum = acc[m][v];     // through a local: an array element as the asm operand kept acc in memory
+                // in place, in asm: GCC 12 copies the accumulator out and back around the intrinsic (two moves a
+                // product); through a local: an array element as the asm operand keeps acc in memory
+                __m512i sum = acc[m][v];
                 asm("vpdpwssd %2, %1, %0" : "+v"(sum) : "v"(wv[v]), "v"(pair));
                 acc[m][v] = sum;
             }
@@ -779,7 +694,7 @@ void dispatch_rows8(int64_t rows, F&& f) {
 }
 
 // x [M, K] @ W.T for an int8 weight in the pairs layout ([G, 16 K] int8), scale [N] bf16: the activations
-// quantized to int16 per row as in linear_int8. Up to MAX_ROWS rows, each block of V groups streams once for
+// quantized to int16 per row (quantize_rows_int16). Up to MAX_ROWS rows, each block of V groups streams once for
 // all rows (the next block fetched in software); more rows pass over a block 8 at a time while it sits in L1 (a
 // long K in chunks), the first pass fetching the next block.
 at::Tensor linear_int8_pairs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
