@@ -159,7 +159,7 @@ class Int8Linear(nn.Module):
     def _standard(self) -> None:
         """Back to the ``[out, in]`` layout."""
         if self.pairs:
-            self.weight = from_pairs(self.weight, self.out_features, self.in_features).contiguous()
+            self.weight = self.rows().contiguous()
             self.pairs = False
 
     def rows(self, lo: int = 0, hi: int | None = None) -> Tensor:
@@ -168,7 +168,7 @@ class Int8Linear(nn.Module):
             return self.weight[lo:hi]
         hi = self.out_features if hi is None else min(hi, self.out_features)
         g0, g1 = lo // PAIR_GROUP, -(-hi // PAIR_GROUP)
-        block = from_pairs(self.weight[g0:g1], (g1 - g0) * PAIR_GROUP, self.in_features)
+        block = native.ops("decode").int8_pairs_rows(self.weight, g0, g1)
         return block[lo - g0 * PAIR_GROUP:hi - g0 * PAIR_GROUP]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -226,12 +226,6 @@ def to_pairs(q: Tensor) -> Tensor:
     padded = q.new_zeros(groups * PAIR_GROUP, K)
     padded[:N] = q
     return padded.view(groups, PAIR_GROUP, K // 2, 2).transpose(1, 2).reshape(groups, PAIR_GROUP * K)
-
-
-def from_pairs(p: Tensor, N: int, K: int) -> Tensor:
-    """The ``[N, K]`` weight of a pairs-layout one (``to_pairs``' inverse)."""
-    groups = p.shape[0]
-    return p.view(groups, K // 2, PAIR_GROUP, 2).transpose(1, 2).reshape(groups * PAIR_GROUP, K)[:N]
 
 
 @functools.cache

@@ -182,6 +182,8 @@ def test_native_kernels_refuse_bad_operands():
             ops.linear_int8_pairs(torch.randn(1, 64), pairs, torch.ones(40).bfloat16())
         with pytest.raises(RuntimeError, match="columns"):
             ops.linear_int8_pairs(torch.randn(1, 66), pairs, torch.ones(20).bfloat16())
+        with pytest.raises(RuntimeError, match="groups"):
+            ops.int8_pairs_rows(pairs, 1, 3)                                # 2 groups of 16 rows
 
 
 @pytest.mark.parametrize("rows", [1, 7])

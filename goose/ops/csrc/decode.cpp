@@ -758,6 +758,30 @@ at::Tensor linear_int8_pairs(const at::Tensor& x, const at::Tensor& q, const at:
     });
     return y;
 }
+// Groups [g0, g1) of a pairs-layout int8 weight back as rows [16 g0, 16 g1) of [N, K] (what the dequantize +
+// GEMM path of many rows multiplies): each group's 16 rows gathered from its pairs while it sits in L1 (measured,
+// 768 x 3072: ~0.2 ms against 1.3 for torch's transpose of the same view).
+at::Tensor int8_pairs_rows(const at::Tensor& q, int64_t g0, int64_t g1) {
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) % (2 * PAIR_GROUP) == 0,
+                "goose int8_pairs_rows: q must be a contiguous int8 [G, 16 K] matrix, K even");
+    TORCH_CHECK(0 <= g0 && g0 <= g1 && g1 <= q.size(0), "goose int8_pairs_rows: groups ", g0, " to ", g1, " of ",
+                q.size(0));
+    const int64_t K = q.size(1) / PAIR_GROUP, KP = K / 2;
+    auto out = at::empty({(g1 - g0) * PAIR_GROUP, K}, q.options());
+    // a pair of int8 inputs moves as one 16-bit unit
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(q.data_ptr<int8_t>()) + g0 * PAIR_GROUP * KP;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<int8_t>());
+    at::parallel_for(0, g1 - g0, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g)
+            for (int64_t o = 0; o < PAIR_GROUP; ++o) {
+                const uint16_t* from = src + g * PAIR_GROUP * KP + o;
+                uint16_t* to = dst + (g * PAIR_GROUP + o) * KP;
+                for (int64_t p = 0; p < KP; ++p) to[p] = from[p * PAIR_GROUP];
+            }
+    });
+    return out;
+}
+
 #endif
 
 // x [M, K] @ W.T for an int4 weight (Int4Weight's layout; groups a multiple of 64 inputs), on the many-rows
@@ -1135,6 +1159,7 @@ TORCH_LIBRARY(goose_decode, m) {
     m.def("linear_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor", &linear_int4);
 #ifdef GOOSE_INT16_DOT
     m.def("linear_int8_pairs(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8_pairs);
+    m.def("int8_pairs_rows(Tensor q, int g0, int g1) -> Tensor", &int8_pairs_rows);
 #endif
     m.def("token_mix(Tensor x, Tensor shift, Tensor[] coefs, Tensor? ln_weight, Tensor? ln_bias, float eps, "
           "Tensor(a!)? new_shift) -> Tensor", &token_mix);
