@@ -20,10 +20,11 @@ activations quantized per row to int16 (each off by at most 1/65534 of its row's
 in memory in those kernels' "pairs" layout (``to_pairs``: 16 output rows' pairs of inputs side by side, so one
 vector of weights serves every activation row without sums across lanes; measured at 16 rows, the 73 int8
 matrices of L12-D768: 5.9 ms against 8.9 in the [out, in] layout and 21.6 for torch's packed kernel, which rounds
-the activations to bf16); elsewhere with fp32 activations in fp32, the weight as [out, in]. int4 from 9 to 64
-rows (batched decoding) also runs there where the CPU has bf16 dot products: each block of rows dequantized to
-bf16 and multiplied in bf16 pairs, the activations rounded to bf16 as in torch's packed int4 kernel
-(``NATIVE_INT4_MIN_ROWS``). Logits against fp32: tests/test_quant.py. Otherwise torch's weight-only kernels
+the activations to bf16); elsewhere with fp32 activations in fp32, the weight as [out, in]. int4 with up to 64
+rows runs there too where the CPU has AVX512-VNNI, in a pairs layout of its own (``_int4_to_pairs``): the
+nibbles multiplied in integers with the same int16 activations, each group's sums scaled once (measured, the 73
+int4 matrices of L12-D768: one row 3.0 ms against 5.0 for torch's packed kernel, 16 rows 10.3 against 14.7 for
+goose's former bf16 kernel). Logits against fp32: tests/test_quant.py. Otherwise torch's weight-only kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16 activations, but
 degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class uses them up to
 ``packed_max_rows`` rows. Every other case (prefill, big batches, other devices, a torch without those ops)
@@ -67,12 +68,6 @@ _HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
 # packed kernels and the dequantize + GEMM fallback there (measured, the 73 int8 matrices of L12-D768 at 32 / 64
 # rows: 16.7 / 30.6 ms against 25.5 / 46.8 for the fallback; int4 below); more rows (prefill) take the fallback
 NATIVE_QUANT_MAX_ROWS = 64
-
-
-@functools.cache
-def _native_bf16_dot() -> bool:
-    """Whether the native kernels multiply bf16 pairs (the int4 batch kernel needs it); asked once."""
-    return native.load("decode") and native.ops("decode").bf16_dot()
 
 
 def _packed_path(x: Tensor, rows: int, max_rows: int) -> bool:
@@ -241,17 +236,14 @@ def _round_up_to_bf16(x: Tensor) -> Tensor:
     return torch.where(y < x, bumped, y)
 
 
-# from this many rows (up to NATIVE_QUANT_MAX_ROWS) int4 products go to goose's many-rows kernel, the weight
-# dequantized to bf16 block by block (measured, the 73 int4 matrices of L12-D768: 5 rows 7.6 vs 7.5 ms for
-# torch's packed kernel, 8 rows 8.0 vs 8.0, 10 rows 9.1 vs 11.4, 16 rows 10.6 vs 14.5, 64 rows 27.8 vs 53.2)
-NATIVE_INT4_MIN_ROWS = 9
-
-
 class Int4Linear(nn.Module):
     """Weight-only int4, asymmetric per group: ``W[o, g*G:(g+1)*G] = (q - 8) * scale[o, g] + zero[o, g]``.
 
-    ``weight`` is uint8 ``[out, in / 2]``, two values per byte (low nibble = even input index): a plain,
-    device-independent layout. On CPU the kernel's own tiled layout is derived from it on first use.
+    In ``state_dict()`` and files ``weight`` is uint8 ``[out, in / 2]``, two values per byte (low nibble = even
+    input index), ``scale`` and ``zero`` bf16 ``[out, in / group]``: a plain, device-independent layout. On a CPU
+    whose native kernels multiply in int16 pairs the module keeps all three in those kernels' pairs layout
+    (``pairs`` is then True; ``_int4_to_pairs``); elsewhere on CPU torch's packed kernel's layout is derived on
+    first use.
     """
 
     packed_max_rows = 64     # measured: the packed kernel beats unpacking + bf16 GEMM up to here
@@ -267,6 +259,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
         self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
         self._cpu_packed: tuple[Tensor, Tensor] | None = None
+        self.pairs = False
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = 64) -> Int4Linear:
@@ -279,36 +272,81 @@ class Int4Linear(nn.Module):
         q = q.view(m.out_features, -1)
         m.weight = q[:, 0::2] | (q[:, 1::2] << 4)
         m.scale, m.zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        m._arrange()
         return m
 
+    def _arrange(self) -> None:
+        """Take the pairs layout where the native kernels use it (CPU, int16 pairs, groups of 4k <= 4096 inputs)."""
+        if not self.pairs and self.weight.is_cpu and self.group_size % 4 == 0 and self.group_size <= 4096 \
+                and _native_int16_dot():
+            self.weight, self.scale, self.zero = (own_copy(t, t.device, t.dtype) for t in
+                                                  _int4_to_pairs(self.weight, self.scale, self.zero))
+            self.pairs = True
+
+    def _standard(self) -> None:
+        """Back to the ``[out, in / 2]`` layout."""
+        if self.pairs:
+            self.weight, self.scale, self.zero = self._stored()
+            self.pairs = False
+
+    def _stored(self, lo: int = 0, hi: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows ``lo:hi`` of weight, scale and zero in the ``[out, ...]`` layout, whatever the layout in memory."""
+        if not self.pairs:
+            return self.weight[lo:hi], self.scale[lo:hi], self.zero[lo:hi]
+        hi = self.out_features if hi is None else min(hi, self.out_features)
+        g0, g1 = lo // PAIR_GROUP, -(-hi // PAIR_GROUP)
+        rows = slice(lo - g0 * PAIR_GROUP, hi - g0 * PAIR_GROUP)
+        q = native.ops("decode").int4_pairs_rows(self.weight, g0, g1)[rows]
+        scale, zero = (t[g0:g1].transpose(1, 2).reshape(-1, t.shape[1])[rows] for t in (self.scale, self.zero))
+        return q, scale.contiguous(), zero.contiguous()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.pairs:
+            for name, t in zip(("weight", "scale", "zero"), self._stored()):
+                destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._standard()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._cpu_packed = None
+        self._arrange()
+
     def _unpack(self, lo: int = 0, hi: int | None = None) -> Tensor:
-        packed = self.weight[lo:hi]
+        packed = self._stored(lo, hi)[0]
         return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], self.in_features)
 
     def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        _, scale, zero = self._stored(lo, hi)
         q = self._unpack(lo, hi).view(-1, self.in_features // self.group_size, self.group_size).to(dtype) - 8
-        w = torch.addcmul(self.zero[lo:hi, :, None].to(dtype), q, self.scale[lo:hi, :, None].to(dtype))
+        w = torch.addcmul(zero[:, :, None].to(dtype), q, scale[:, :, None].to(dtype))
         return w.view(-1, self.in_features)
 
     def _cpu_kernel_args(self) -> tuple[Tensor, Tensor]:
         if self._cpu_packed is None or self._cpu_packed[0].device != self.weight.device:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._unpack().to(torch.int32), 1)
             packed = own_copy(packed, packed.device, packed.dtype)   # onto huge pages, as the other weights
-            scales_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
+            _, scale, zero = self._stored()
+            scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
             self._cpu_packed = (packed, scales_zeros)
         return self._cpu_packed
 
-    def _apply(self, fn, recurse=True):                  # .to()/.cuda() invalidate the CPU kernel layout
+    def _apply(self, fn, recurse=True):   # .to()/.cuda(): moved as [out, in / 2], arranged again on CPU
         self._cpu_packed = None
-        return super()._apply(fn, recurse)
+        self._standard()
+        out = super()._apply(fn, recurse)
+        self._arrange()
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if rows >= NATIVE_INT4_MIN_ROWS and self.group_size % 64 == 0 and native_rows(x, NATIVE_QUANT_MAX_ROWS) \
-                and _native_bf16_dot():                  # batched decoding: goose's many-rows kernel
-            return call_on_rows(native.ops("decode").linear_int4, x, rows, self.weight, self.scale, self.zero,
-                                self.group_size)
-        if _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows) and self.out_features % 16 == 0:
+        if self.pairs:                                  # any activation dtype: the kernel quantizes them to int16
+            x32 = x.float()
+            if native_rows(x32, NATIVE_QUANT_MAX_ROWS):
+                out = call_on_rows(native.ops("decode").linear_int4_pairs, x32, rows, self.weight, self.scale,
+                                   self.zero, self.group_size, self.out_features)
+                return out.to(x.dtype)
+        elif _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows) and self.out_features % 16 == 0:
             packed, scales_zeros = self._cpu_kernel_args()
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
@@ -319,7 +357,30 @@ class Int4Linear(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+        layout = ", pairs layout" if self.pairs else ""
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}{layout}"
+
+
+def _to_pair_groups(t: Tensor) -> Tensor:
+    """Per-row, per-group values ``[N, groups]`` as ``[ceil(N / 16), groups, 16]`` (zero rows pad the last)."""
+    N, groups = t.shape
+    padded = t.new_zeros(-(-N // PAIR_GROUP) * PAIR_GROUP, groups)
+    padded[:N] = t
+    return padded.view(-1, PAIR_GROUP, groups).transpose(1, 2).contiguous()
+
+
+def _int4_to_pairs(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """An Int4Linear's ``[N, K / 2]`` weight and ``[N, K / group]`` scale and zero in the native kernels' pairs
+    layout: groups of 16 output rows; in each, a block of 32 bytes per 4 inputs, byte ``2 o + j`` holding input
+    ``4 t + j`` of row ``o`` in its low nibble and ``4 t + 2 + j`` in its high one (one widening load, a mask and a
+    shift give 16 rows' next two pairs of inputs); scale and zero as ``[groups of rows, K / group, 16]``."""
+    N, K = q.shape[0], 2 * q.shape[1]
+    values = torch.stack([q & 15, q >> 4], dim=-1).view(N, K)
+    padded = values.new_zeros(-(-N // PAIR_GROUP) * PAIR_GROUP, K)
+    padded[:N] = values
+    blocks = padded.view(-1, PAIR_GROUP, K // 4, 2, 2)           # [group, o, t, pair within the block, j]
+    packed = (blocks[:, :, :, 0] | (blocks[:, :, :, 1] << 4)).transpose(1, 2).reshape(-1, K // 4 * 32)
+    return packed, _to_pair_groups(scale), _to_pair_groups(zero)
 
 
 QUANTIZED = (DenseLinear, Int8Linear, Int4Linear)

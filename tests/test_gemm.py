@@ -109,26 +109,27 @@ def test_int8_activations_are_quantized_per_row_to_int16(rows):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [9, 16, 33])
-@pytest.mark.parametrize("in_features, out_features, group", [(256, 96, 64), (384, 37, 128)])
-def test_int4_batches_on_the_native_kernel(rows, in_features, out_features, group):
-    """From NATIVE_INT4_MIN_ROWS rows an Int4Linear runs on goose's many-rows kernel where the CPU has bf16 dot
-    products: every weight dequantized exactly and rounded to bf16, the activations rounded to bf16, fp32 sums
-    (full and partial 4-row blocks, several groups per row). Elsewhere it stays within bf16 rounding of that."""
+@pytest.mark.parametrize("rows", [1, 4, 9, 16, 33])
+@pytest.mark.parametrize("in_features, out_features, group", [(256, 96, 64), (384, 37, 128), (192, 20, 4)])
+def test_int4_on_the_native_kernel(rows, in_features, out_features, group):
+    """Up to NATIVE_QUANT_MAX_ROWS rows an Int4Linear runs on goose's pairs kernel where the CPU has int16 dot
+    products: exact against the dequantized weight with the activations as int16 (1-4 rows in one pass, more in
+    passes of 8; several quantization groups; a padded group of 16 output rows). Elsewhere on torch's packed
+    kernel: within bf16 rounding."""
     g = torch.Generator().manual_seed(rows + group)
     lin = torch.nn.Linear(in_features, out_features, bias=False)
     torch.nn.init.normal_(lin.weight, generator=g)
     q = quant.Int4Linear.from_linear(lin, group)
     x = torch.randn(rows, in_features, generator=g)
-    exact = x.bfloat16().double() @ q.dequantize().bfloat16().double().T
     with torch.no_grad():
         got = q(x)
-    err = ((got.double() - exact).abs().max() / exact.abs().max()).item()
-    if native.ops("decode").bf16_dot():
-        assert rows >= quant.NATIVE_INT4_MIN_ROWS and err < 1e-5
-        assert torch.equal(got, native.ops("decode").linear_int4(x, q.weight, q.scale, q.zero, group))
+    if native.ops("decode").int16_dot():
+        assert q.pairs
+        exact = _int16(x).double() @ q.dequantize().double().T
+        assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
     else:
-        assert err < 5e-3
+        exact = x.bfloat16().double() @ q.dequantize().bfloat16().double().T
+        assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 5e-3
 
 
 @needs_native

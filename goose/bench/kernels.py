@@ -5,9 +5,9 @@ too big for any cache) are multiplied by ``rows`` activation rows, as a decode s
 (or a prefill chunk) does. Reported: billions of weights per second (G w/s; for fp32, 4 GB/s each), median
 of repeats. This is the table gemm.py's and quant.py's kernel choices were made from: goose's native
 kernels (matrix-vector ones up to 4 rows, the many-rows one above) up to ``NATIVE_LINEAR_MAX_ROWS`` rows for
-fp32 and bf16 weights and up to ``NATIVE_QUANT_MAX_ROWS`` for int8 (and int4 from ``NATIVE_INT4_MIN_ROWS``;
-torch's packed int4 kernel below), the dequantize + bf16 GEMM fallback above; the "raw" rows are torch's
-kernels alone, for comparison.
+fp32 and bf16 weights and up to ``NATIVE_QUANT_MAX_ROWS`` for int8 and int4 (their pairs layouts, on CPUs with
+AVX512-VNNI; torch's packed kernels elsewhere), the dequantize + bf16 GEMM fallback above; the "raw" rows are
+torch's kernels alone, for comparison.
 """
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ def run(rows=(1, 4, 16, 64, 1024), repeats: int = 5) -> dict:
         "bf16 weights": [DenseLinear.from_linear(m, torch.bfloat16) for m in layers],
         "fp16 weights": [DenseLinear.from_linear(m, torch.float16) for m in layers],
         "int8 (native <= 64 rows, then fallback)": [Int8Linear.from_linear(m) for m in layers],
-        "int4 (group 64; packed <= 8 rows, native <= 64)": [Int4Linear.from_linear(m) for m in layers],
+        "int4 (group 64; native <= 64 rows, then fallback)": [Int4Linear.from_linear(m) for m in layers],
     }
     raw = {  # torch's kernels called directly at every row count, bypassing goose's choice of path
         "fp16 F.linear, raw": (variants["fp16 weights"], lambda x, m: F.linear(x.half(), m.weight)),
         "_weight_int8pack_mm, raw": (variants["int8 (native <= 64 rows, then fallback)"],
                                      lambda x, m: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), m.rows(), m.scale)),
-        "_weight_int4pack_mm_for_cpu, raw": (variants["int4 (group 64; packed <= 8 rows, native <= 64)"],
+        "_weight_int4pack_mm_for_cpu, raw": (variants["int4 (group 64; native <= 64 rows, then fallback)"],
                                              lambda x, m: torch.ops.aten.
                                              _weight_int4pack_mm_for_cpu(x.bfloat16(), *_int4_args(m))),
     }

@@ -4,19 +4,20 @@
 // kernels stream each weight row (or column block) once, for all activation rows at a time, on torch's
 // own thread pool (at::parallel_for over output features). Activations are fp32 and so is the
 // accumulation (only the summation order differs from a BLAS), except that with AVX512-BF16 a bf16 weight
-// is multiplied in bf16, the activations rounded to bf16, and with AVX512-VNNI an int8 weight in the pairs
-// layout in integers, the activations quantized to int16 per row.
+// is multiplied in bf16, the activations rounded to bf16, and with AVX512-VNNI int8 and int4 weights in their
+// pairs layouts in integers, the activations quantized to int16 per row.
 //
 //   linear(x [M, K], weight [N, K])            = x @ weight.T       (nn.Linear layout; fp32 or bf16 weight)
 //   matmul(x [M, K], w [K, N])                 = x @ w              (LoRA layout: rows of w split over threads)
 //   linear_int8(x [M, K], q [N, K] int8, scale [N] bf16) = x @ (q * scale[:, None]).T
 //   linear_int8_pairs(x [M, K], pairs [ceil(N / 16), 16 K] int8, scale [N] bf16) = the same, the weight in the
 //                                                  pairs layout (AVX512-VNNI)
-//   linear_int4(x, q [N, K / 2] uint8, scale, zero [N, K / group] bf16, group) = x @ W.T (batches; AVX512-BF16)
+//   linear_int4_pairs(x, q [ceil(N / 16), 8 K] uint8, scale, zero [ceil(N / 16), K / group, 16] bf16, group, N)
+//                                             = x @ W.T for an int4 weight in its pairs layout (AVX512-VNNI)
 //
-// M is at most MAX_ROWS, except that `linear`, `linear_int8`, `linear_int8_pairs` and `linear_int4` take up to
-// MAX_TILE_ROWS (batched decoding): beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch
-// to register-tiled kernels (linear_many_rows; the pairs layout's own). AVX-512 code where the compiler targets
+// M is at most MAX_ROWS, except that `linear`, `linear_int8` and the pairs kernels take up to MAX_TILE_ROWS
+// (batched decoding): beyond MAX_ROWS the arithmetic outweighs the weight traffic and they switch to
+// register-tiled kernels (linear_many_rows; the pairs layouts' own). AVX-512 code where the compiler targets
 // it (-march=native), portable loops (auto-vectorised) elsewhere.
 //
 // The small operations of an RWKV-7 step, fused (each is a few dozen tiny torch ops otherwise):
@@ -376,15 +377,6 @@ void widen(const W* w, int64_t n, float* out) {
 #endif
 }
 
-// An int4 weight in goose/quant.py's Int4Linear layout: q [N, K / 2] two values per byte (low nibble first),
-// w[n, k] = (q - 8) * scale[n, k / group] + zero[n, k / group].
-struct Int4Weight {
-    const uint8_t* q;
-    const at::BFloat16* scale;
-    const at::BFloat16* zero;
-    int64_t group;
-};
-
 // Rows [n, n + rows) of a weight [N, K] as the many-rows kernel multiplies them (type X): the weight itself when
 // stored as X, else widened into `buffer`.
 template <typename X>
@@ -396,48 +388,12 @@ const X* block_rows(const W* w, int64_t n, int rows, int64_t K, X* buffer) {
     return buffer;
 }
 
-#ifdef GOOSE_BF16_DOT
-// int4 rows dequantized to bf16 (the fp32 value (q - 8) * scale + zero is exact before that rounding), 64 values
-// (32 bytes) per step: nibbles interleaved back into input order, widened to fp32, scaled, packed to bf16.
-const at::BFloat16* block_rows(const Int4Weight& w, int64_t n, int rows, int64_t K, at::BFloat16* buffer) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const int64_t groups = K / w.group;
-    for (int r = 0; r < rows; ++r) {
-        const uint8_t* q = w.q + (n + r) * (K / 2);
-        at::BFloat16* out = buffer + r * K;
-        for (int64_t k = 0; k < K; k += 64) {
-            const int64_t g = (n + r) * groups + k / w.group;
-            const __m512 scale = _mm512_set1_ps(static_cast<float>(w.scale[g]));
-            const __m512 zero = _mm512_set1_ps(static_cast<float>(w.zero[g]));
-            const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2));
-            const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-            const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
-            const __m256i halves[2] = {_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31)};
-            for (int h = 0; h < 2; ++h) {
-                __m512 v[2];
-                for (int i = 0; i < 2; ++i) {
-                    const __m128i part = i ? _mm256_extracti128_si256(halves[h], 1) : _mm256_castsi256_si128(halves[h]);
-                    const __m512 centred = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part)), _mm512_set1_ps(8.f));
-                    v[i] = _mm512_fmadd_ps(centred, scale, zero);
-                }
-                _mm512_storeu_si512(out + k + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
-            }
-        }
-    }
-    return buffer;
-}
-#endif
-
 // Where row n of a weight is stored (rows are contiguous, stored_row_bytes apart).
 template <typename W>
 const char* stored_row(const W* w, int64_t n, int64_t K) { return reinterpret_cast<const char*>(w + n * K); }
-const char* stored_row(const Int4Weight& w, int64_t n, int64_t K) {
-    return reinterpret_cast<const char*>(w.q + n * (K / 2));
-}
 
 template <typename W>
 int64_t stored_row_bytes(const W*, int64_t K) { return K * int64_t(sizeof(W)); }
-int64_t stored_row_bytes(const Int4Weight&, int64_t K) { return K / 2; }
 
 // y[M, N] = x[M, K] @ W[N, K].T, times scale[n] per output if given, for more rows than MAX_ROWS (batched
 // decode). Arithmetic now outweighs the weight's memory traffic, so the weight is taken 4 rows at a time
@@ -753,6 +709,134 @@ at::Tensor linear_int8_pairs(const at::Tensor& x, const at::Tensor& q, const at:
     });
     return y;
 }
+// int4 weights in a pairs layout (goose/quant.py Int4Linear on CPUs with int16 dot products): q [G, K / 4, 32]
+// uint8, G = ceil(N / 16) groups of 16 output rows; byte 2 o + j of block t holds q[o, 4 t + j] in its low nibble
+// and q[o, 4 t + 2 + j] in its high one, so that one widening load, a mask and a shift give the 16 rows' next two
+// pairs of inputs as int16. The asymmetric values w = (q - 8) s + z = q s + (z - 8 s) are summed per quantization
+// group in int32, q times the row's int16 activations, then scaled once per group: y = step (sum over groups of
+// s I + (z - 8 s) X), X the group's activation sum. scale and zero: [G, K / group, 16] bf16 (zero rows pad).
+struct Int4Pairs {
+    const uint8_t* q;
+    const at::BFloat16* scale;
+    const at::BFloat16* zero;
+    int64_t K, group;
+};
+
+// y[m, 16 g + o] = step[m] * sum over the weight's groups (M rows of x, pairs KP apart; xsum [M, K / group] the
+// activation sums), fetching `fetch` (the next group of rows, if given) a line every second block.
+template <int M>
+void int4_pair_tile(const int32_t* x, int64_t KP, const float* xsum, const Int4Pairs& w, int64_t g, float* y,
+                    int64_t N, const float* step, const uint8_t* fetch) {
+    const int64_t groups = w.K / w.group, blocks = w.group / 4;     // 2-pair blocks of 32 bytes per group
+    const uint8_t* q = w.q + g * (w.K / 4) * PAIR_BYTES;
+    const __m512i low = _mm512_set1_epi16(0x0F);
+    __m512 total[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        __m512i acc[2][M];     // the block's first and second pair in separate sums: two chains of latency a row
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_si512();
+        for (int64_t t = gi * blocks; t < (gi + 1) * blocks; ++t) {
+            if (fetch && (t & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(fetch + t * PAIR_BYTES), _MM_HINT_T0);
+            const __m256i block = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * PAIR_BYTES));
+            const __m512i bytes = _mm512_cvtepu8_epi16(block);
+            __m512i first = _mm512_and_si512(bytes, low), second = _mm512_srli_epi16(bytes, 4);
+            asm("" : "+v"(first), "+v"(second));
+#pragma GCC unroll 8
+            for (int m = 0; m < M; ++m) {
+                __m512i a = acc[0][m], b = acc[1][m];     // in place and through locals, as in pair_products
+                asm("vpdpwssd %2, %1, %0" : "+v"(a) : "v"(first), "v"(_mm512_set1_epi32(x[m * KP + 2 * t])));
+                asm("vpdpwssd %2, %1, %0" : "+v"(b) : "v"(second), "v"(_mm512_set1_epi32(x[m * KP + 2 * t + 1])));
+                acc[0][m] = a;
+                acc[1][m] = b;
+            }
+        }
+        const __m512 s = load_operand(w.scale + (g * groups + gi) * PAIR_GROUP, __mmask16(0xFFFF));
+        const __m512 z = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s,
+                                          load_operand(w.zero + (g * groups + gi) * PAIR_GROUP, __mmask16(0xFFFF)));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m)
+            total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[0][m], acc[1][m])), s,
+                                       _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + gi]), z, total[m]));
+    }
+    const __mmask16 mask = tail_mask(std::max<int64_t>(0, N - g * PAIR_GROUP));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+        _mm512_mask_storeu_ps(y + m * N + g * PAIR_GROUP, mask, _mm512_mul_ps(total[m], _mm512_set1_ps(step[m])));
+}
+
+// x [M, K] @ W.T for an int4 weight in the pairs layout (Int4Pairs; groups a multiple of 4 inputs, at most 4096):
+// the activations quantized to int16 per row; each group of 16 outputs streams once for up to 8 rows at a time,
+// the next one fetched in software.
+at::Tensor linear_int4_pairs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                             int64_t group, int64_t N) {
+    TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2 && q.size(1) % PAIR_BYTES == 0,
+                "goose linear_int4_pairs: q must be a contiguous uint8 [ceil(N / 16), 8 K] matrix");
+    const int64_t G = q.size(0), K = q.size(1) / 8;
+    TORCH_CHECK(group > 0 && group % 4 == 0 && group <= 4096 && K % group == 0, "goose linear_int4_pairs: groups of "
+                "a multiple of 4 inputs (at most 4096) that divide K = ", K, ", got ", group);
+    TORCH_CHECK((N + PAIR_GROUP - 1) / PAIR_GROUP == G, "goose linear_int4_pairs: ", N, " outputs in ", G,
+                " groups of 16 rows");
+    for (const auto* t : {&scale, &zero})
+        TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() &&
+                    t->numel() == G * (K / group) * PAIR_GROUP,
+                    "goose linear_int4_pairs: scale and zero must be bf16 [ceil(N / 16), K / group, 16]");
+    check_activations(x, K, MAX_TILE_ROWS);
+    const int64_t M = x.size(0), KP = K / 2, groups = K / group;
+    auto y = at::empty({M, N}, x.options());
+    const auto [xq, step] = quantize_rows_int16(x);
+    const int16_t* xs16 = xq.data_ptr<int16_t>();
+    std::vector<float> xsum(M * groups);                    // each row's activation sum per group (exact in fp32)
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            int32_t total = 0;
+            for (int64_t k = gi * group; k < (gi + 1) * group; ++k) total += xs16[m * K + k];
+            xsum[m * groups + gi] = static_cast<float>(total);
+        }
+    const Int4Pairs w{q.data_ptr<uint8_t>(), scale.data_ptr<at::BFloat16>(), zero.data_ptr<at::BFloat16>(), K, group};
+    const int32_t* xp = reinterpret_cast<const int32_t*>(xs16);
+    float* yp = y.data_ptr<float>();
+    const int64_t group_bytes = KP / 2 * PAIR_BYTES;
+    at::parallel_for(0, G, std::max<int64_t>(1, GRAIN_BYTES / group_bytes), [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g)
+            for (int64_t m0 = 0; m0 < M; m0 += 8) {
+                const uint8_t* fetch = m0 == 0 && g + 1 < g1 ? w.q + (g + 1) * group_bytes : nullptr;
+                dispatch_rows8(std::min<int64_t>(8, M - m0), [&](auto rows) {
+                    int4_pair_tile<decltype(rows)::value>(xp + m0 * KP, KP, xsum.data() + m0 * groups, w, g,
+                                                          yp + m0 * N, N, step.data() + m0, fetch);
+                });
+            }
+    });
+    return y;
+}
+
+// Groups [g0, g1) of a pairs-layout int4 weight back as rows [16 g0, 16 g1) of Int4Linear's [N, K / 2] layout
+// (two values a byte, the even input in the low nibble), for the dequantize + GEMM path of many rows.
+at::Tensor int4_pairs_rows(const at::Tensor& q, int64_t g0, int64_t g1) {
+    TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2 && q.size(1) % PAIR_BYTES == 0,
+                "goose int4_pairs_rows: q must be a contiguous uint8 [G, 8 K] matrix");
+    TORCH_CHECK(0 <= g0 && g0 <= g1 && g1 <= q.size(0), "goose int4_pairs_rows: groups ", g0, " to ", g1, " of ",
+                q.size(0));
+    const int64_t blocks = q.size(1) / PAIR_BYTES;          // of 4 inputs
+    auto out = at::empty({(g1 - g0) * PAIR_GROUP, 2 * blocks}, q.options());
+    const uint8_t* src = q.data_ptr<uint8_t>() + g0 * blocks * PAIR_BYTES;
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    at::parallel_for(0, g1 - g0, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g)
+            for (int64_t o = 0; o < PAIR_GROUP; ++o) {
+                const uint8_t* from = src + g * blocks * PAIR_BYTES + 2 * o;
+                uint8_t* to = dst + (g * PAIR_GROUP + o) * 2 * blocks;
+                for (int64_t t = 0; t < blocks; ++t) {
+                    const uint8_t b0 = from[t * PAIR_BYTES], b1 = from[t * PAIR_BYTES + 1];
+                    to[2 * t] = uint8_t((b0 & 0x0F) | (b1 << 4));
+                    to[2 * t + 1] = uint8_t((b0 >> 4) | (b1 & 0xF0));
+                }
+            }
+    });
+    return out;
+}
+
 // Groups [g0, g1) of a pairs-layout int8 weight back as rows [16 g0, 16 g1) of [N, K] (what the dequantize +
 // GEMM path of many rows multiplies): each group's 16 rows gathered from its pairs while it sits in L1 (measured,
 // 768 x 3072: ~0.2 ms against 1.3 for torch's transpose of the same view).
@@ -778,32 +862,6 @@ at::Tensor int8_pairs_rows(const at::Tensor& q, int64_t g0, int64_t g1) {
 }
 
 #endif
-
-// x [M, K] @ W.T for an int4 weight (Int4Weight's layout; groups a multiple of 64 inputs), on the many-rows
-// kernel: each block of rows dequantized to bf16, multiplied in bf16 pairs with the activations rounded to bf16
-// (what torch's packed int4 kernel does with its activations too). Batched decoding only: a few rows are
-// torch's packed kernel's (goose/quant.py).
-at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
-                       int64_t group) {
-#ifdef GOOSE_BF16_DOT
-    const int64_t N = q.size(0), K = 2 * q.size(1);
-    TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2,
-                "goose linear_int4: q must be a contiguous uint8 [N, K / 2] matrix");
-    TORCH_CHECK(group > 0 && group % 64 == 0 && K % group == 0, "goose linear_int4: groups of a multiple of 64 "
-                "inputs that divide K = ", K, ", got ", group);
-    for (const auto* t : {&scale, &zero})
-        TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / group),
-                    "goose linear_int4: scale and zero must be bf16 [N, K / group]");
-    check_activations(x, K, MAX_TILE_ROWS);
-    auto y = at::empty({x.size(0), N}, x.options());
-    const auto xb = x.to(at::kBFloat16);
-    const Int4Weight w{q.data_ptr<uint8_t>(), scale.data_ptr<at::BFloat16>(), zero.data_ptr<at::BFloat16>(), group};
-    linear_many_rows(xb.data_ptr<at::BFloat16>(), x.size(0), w, nullptr, K, N, y.data_ptr<float>());
-    return y;
-#else
-    TORCH_CHECK(false, "goose linear_int4: needs a CPU with bf16 dot products (AVX512-BF16)");
-#endif
-}
 
 // Elementwise exp, sigmoid and tanh over arrays, vectorised with vec_exp.h's e^x:
 // sigmoid(x) = 1 / (1 + e^-x), tanh(x) = 1 - 2 / (1 + e^2x).
@@ -1151,10 +1209,12 @@ TORCH_LIBRARY(goose_decode, m) {
     m.def("linear(Tensor x, Tensor weight) -> Tensor", &linear);
     m.def("matmul(Tensor x, Tensor w) -> Tensor", &matmul);
     m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8);
-    m.def("linear_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor", &linear_int4);
 #ifdef GOOSE_INT16_DOT
     m.def("linear_int8_pairs(Tensor x, Tensor q, Tensor scale) -> Tensor", &linear_int8_pairs);
     m.def("int8_pairs_rows(Tensor q, int g0, int g1) -> Tensor", &int8_pairs_rows);
+    m.def("int4_pairs_rows(Tensor q, int g0, int g1) -> Tensor", &int4_pairs_rows);
+    m.def("linear_int4_pairs(Tensor x, Tensor q, Tensor scale, Tensor zero, int group, int N) -> Tensor",
+          &linear_int4_pairs);
 #endif
     m.def("token_mix(Tensor x, Tensor shift, Tensor[] coefs, Tensor? ln_weight, Tensor? ln_bias, float eps, "
           "Tensor(a!)? new_shift) -> Tensor", &token_mix);
