@@ -23,8 +23,8 @@ matrices of L12-D768: 5.9 ms against 8.9 in the [out, in] layout and 21.6 for to
 the activations to bf16); elsewhere with fp32 activations in fp32, the weight as [out, in]. int4 with up to 64
 rows runs there too where the CPU has AVX512-VNNI, in a pairs layout of its own (``_int4_to_pairs``): the
 nibbles multiplied in integers with the same int16 activations, each group's sums scaled once (measured, the 73
-int4 matrices of L12-D768: one row 3.0 ms against 5.0 for torch's packed kernel, 16 rows 10.3 against 14.7 for
-goose's former bf16 kernel). Logits against fp32: tests/test_quant.py. Otherwise torch's weight-only kernels
+int4 matrices of L12-D768: one row 3.7 ms, as fast as torch's packed kernel called alone; 16 rows 7.4 ms against
+10.4 for goose's former bf16 kernel and 14.9 for torch's; 64 rows 27.0 against 32.1 and 69.0). Logits against fp32: tests/test_quant.py. Otherwise torch's weight-only kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16 activations, but
 degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class uses them up to
 ``packed_max_rows`` rows. Every other case (prefill, big batches, other devices, a torch without those ops)
