@@ -312,21 +312,21 @@ class Int4Linear(nn.Module):
         self._cpu_packed = None
         self._arrange()
 
-    def _unpack(self, lo: int = 0, hi: int | None = None) -> Tensor:
-        packed = self._stored(lo, hi)[0]
+    def _unpack(self, packed: Tensor) -> Tensor:
+        """The values 0..15 of ``[rows, in / 2]`` stored bytes, as ``[rows, in]``."""
         return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], self.in_features)
 
     def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        _, scale, zero = self._stored(lo, hi)
-        q = self._unpack(lo, hi).view(-1, self.in_features // self.group_size, self.group_size).to(dtype) - 8
+        packed, scale, zero = self._stored(lo, hi)
+        q = self._unpack(packed).view(-1, self.in_features // self.group_size, self.group_size).to(dtype) - 8
         w = torch.addcmul(zero[:, :, None].to(dtype), q, scale[:, :, None].to(dtype))
         return w.view(-1, self.in_features)
 
     def _cpu_kernel_args(self) -> tuple[Tensor, Tensor]:
         if self._cpu_packed is None or self._cpu_packed[0].device != self.weight.device:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._unpack().to(torch.int32), 1)
+            stored, scale, zero = self._stored()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._unpack(stored).to(torch.int32), 1)
             packed = own_copy(packed, packed.device, packed.dtype)   # onto huge pages, as the other weights
-            _, scale, zero = self._stored()
             scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
             self._cpu_packed = (packed, scales_zeros)
         return self._cpu_packed
