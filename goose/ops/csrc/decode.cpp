@@ -319,15 +319,16 @@ void check_activations(const at::Tensor& x, int64_t K, int64_t max_rows = MAX_RO
     TORCH_CHECK(x.size(1) == K, "goose gemv: x has ", x.size(1), " columns, the weight expects ", K);
 }
 
-// Calls f.template operator()<M>() for the runtime row count (templates keep the accumulators in registers).
-template <typename F>
+// Calls f(std::integral_constant<int, M>{}) for M = the runtime row count, at most MAX (templates keep the
+// accumulators in registers).
+template <int MAX = MAX_ROWS, int M = 1, typename F>
 void dispatch_rows(int64_t rows, F&& f) {
-    switch (rows) {
-        case 1: f(std::integral_constant<int, 1>{}); break;
-        case 2: f(std::integral_constant<int, 2>{}); break;
-        case 3: f(std::integral_constant<int, 3>{}); break;
-        default: f(std::integral_constant<int, 4>{}); break;
-    }
+    if constexpr (M == MAX)
+        f(std::integral_constant<int, M>{});
+    else if (rows <= M)
+        f(std::integral_constant<int, M>{});
+    else
+        dispatch_rows<MAX, M + 1>(rows, std::forward<F>(f));
 }
 
 // y[b, n0:n1] += sum_{k0 <= k < k1} x[b, k] w[k, n0:n1] for b < B (w row-major [K, N]; rows of x are K apart,
@@ -634,21 +635,6 @@ void pair_tile(const int32_t* x, int64_t KP, const int8_t* w, int64_t g, int64_t
     }
 }
 
-// Calls f.template operator()<M>() for 1 <= rows <= 8.
-template <typename F>
-void dispatch_rows8(int64_t rows, F&& f) {
-    switch (rows) {
-        case 1: f(std::integral_constant<int, 1>{}); break;
-        case 2: f(std::integral_constant<int, 2>{}); break;
-        case 3: f(std::integral_constant<int, 3>{}); break;
-        case 4: f(std::integral_constant<int, 4>{}); break;
-        case 5: f(std::integral_constant<int, 5>{}); break;
-        case 6: f(std::integral_constant<int, 6>{}); break;
-        case 7: f(std::integral_constant<int, 7>{}); break;
-        default: f(std::integral_constant<int, 8>{}); break;
-    }
-}
-
 // x [M, K] @ W.T for an int8 weight in the pairs layout ([G, 16 K] int8), scale [N] bf16: the activations
 // quantized to int16 per row (quantize_rows_int16). Up to MAX_ROWS rows, each group streams once for all rows
 // (the next one fetched in software); more rows pass over a block of 2 groups 8 at a time while it sits in L1 (in
@@ -696,7 +682,7 @@ at::Tensor linear_int8_pairs(const at::Tensor& x, const at::Tensor& q, const at:
                     const int32_t* xs = xp + m0 * KP;
                     float* ys = yp + m0 * N;
                     const float* steps = step.data() + m0;
-                    dispatch_rows8(std::min<int64_t>(8, M - m0), [&](auto rows) {
+                    dispatch_rows<8>(std::min<int64_t>(8, M - m0), [&](auto rows) {
                         constexpr int R = decltype(rows)::value;
                         if (full)
                             pair_tile<R, V>(xs, KP, w, g, p0, p1, ys, N, sp, steps, fetch);
@@ -802,7 +788,7 @@ at::Tensor linear_int4_pairs(const at::Tensor& x, const at::Tensor& q, const at:
         for (int64_t g = g0; g < g1; ++g)
             for (int64_t m0 = 0; m0 < M; m0 += 8) {
                 const uint8_t* fetch = m0 == 0 && g + 1 < g1 ? w.q + (g + 1) * group_bytes : nullptr;
-                dispatch_rows8(std::min<int64_t>(8, M - m0), [&](auto rows) {
+                dispatch_rows<8>(std::min<int64_t>(8, M - m0), [&](auto rows) {
                     int4_pair_tile<decltype(rows)::value>(xp + m0 * KP, KP, xsum.data() + m0 * groups, w, g,
                                                           yp + m0 * N, N, step.data() + m0, fetch);
                 });
