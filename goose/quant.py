@@ -16,21 +16,21 @@ model.py is not touched: the math has one copy, and a quantized model is still a
 
 Kernels. On CPU, int8 with up to 64 rows (decoding, batched decoding) runs on goose's native kernels
 (``ops/csrc/decode.cpp``): where the CPU has AVX512-VNNI, the int8 weight is multiplied in integers with the
-activations quantized per row to int16 (each off by at most 1/65534 of its row's largest value), the weight kept
-in memory in those kernels' "pairs" layout (``to_pairs``: 16 output rows' pairs of inputs side by side, so one
-vector of weights serves every activation row without sums across lanes; measured at 16 rows, the 73 int8
+activations quantized per row to int16 (each off by at most 1/65534 of its row's largest value), the weight
+kept in memory in those kernels' "pairs" layout (``int8_to_pairs``: 16 output rows' pairs of inputs side by side,
+so one vector of weights serves every activation row without sums across lanes; measured at 16 rows, the 73 int8
 matrices of L12-D768: 5.9 ms against 8.9 in the [out, in] layout and 21.6 for torch's packed kernel, which rounds
 the activations to bf16); elsewhere with fp32 activations in fp32, the weight as [out, in]. int4 with up to 64
-rows runs there too where the CPU has AVX512-VNNI, in a pairs layout of its own (``_int4_to_pairs``): the
+rows runs there too where the CPU has AVX512-VNNI, in a pairs layout of its own (``int4_to_pairs``): the
 nibbles multiplied in integers with the same int16 activations, each group's sums scaled once (measured, the 73
 int4 matrices of L12-D768: one row 3.7 ms, as fast as torch's packed kernel called alone; 16 rows 7.4 ms against
-10.4 for goose's former bf16 kernel and 14.9 for torch's; 64 rows 27.0 against 32.1 and 69.0). Logits against fp32: tests/test_quant.py. Otherwise torch's weight-only kernels
-(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16 activations, but
-degrade sharply above a few rows (measured numbers in docs/PERFORMANCE.md), so each class uses them up to
-``packed_max_rows`` rows. Every other case (prefill, big batches, other devices, a torch without those ops)
-uses the plain-torch fallback: dequantize a block of output rows to the activation's dtype (bf16 activations
-on CPU for large inputs) and call ``F.linear``; blocks keep the temporary below ``DEQUANT_BLOCK_BYTES``. Both
-paths use the same stored numbers.
+10.4 for goose's former bf16 kernel and 14.9 for torch's; 64 rows 27.0 against 32.1 and 69.0). Logits against
+fp32: tests/test_quant.py. Otherwise torch's weight-only kernels (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``) run a few rows fast with bf16 activations, but degrade sharply above a few rows
+(measured numbers in docs/PERFORMANCE.md), so each class uses them up to ``packed_max_rows`` rows. Every other
+case (prefill, big batches, other devices, a torch without those ops) uses the plain-torch fallback: dequantize a
+block of output rows to the activation's dtype (bf16 activations on CPU for large inputs) and call ``F.linear``;
+blocks keep the temporary below ``DEQUANT_BLOCK_BYTES``. Both paths use the same stored numbers.
 
 Scales are rounded to bf16 *before* the weights are quantized, so the bf16 scales the CPU kernels take
 are exact, and the fast path and the fallback compute with identical weights.
@@ -121,8 +121,8 @@ class Int8Linear(nn.Module):
     """Weight-only int8 with per-output-channel scales: ``W = weight * scale[:, None]``.
 
     ``state_dict()`` and files hold ``weight`` as ``[out, in]``. On a CPU whose native kernels multiply int8 in
-    int16 pairs, the module keeps it in those kernels' "pairs" layout instead (``to_pairs``; ``pairs`` is then
-    True): same bytes, rearranged, converted back wherever the ``[out, in]`` form is needed.
+    int16 pairs, the module keeps it in those kernels' "pairs" layout instead (``int8_to_pairs``; ``pairs`` is
+    then True): same bytes, rearranged, converted back wherever the ``[out, in]`` form is needed.
     """
 
     packed_max_rows = 16     # measured: beyond, dequantize + bf16 GEMM is as fast (`goose bench kernels`)
@@ -148,7 +148,7 @@ class Int8Linear(nn.Module):
     def _arrange(self) -> None:
         """Take the pairs layout where the native kernels use it (CPU, int16 pairs, an even in_features)."""
         if not self.pairs and self.weight.is_cpu and self.in_features % 2 == 0 and _native_int16_dot():
-            self.weight = own_copy(to_pairs(self.weight), self.weight.device, torch.int8)
+            self.weight = own_copy(int8_to_pairs(self.weight), self.weight.device, torch.int8)
             self.pairs = True
 
     def _standard(self) -> None:
@@ -212,7 +212,7 @@ class Int8Linear(nn.Module):
 PAIR_GROUP = 16    # output rows per group of the pairs layout (csrc/decode.cpp)
 
 
-def to_pairs(q: Tensor) -> Tensor:
+def int8_to_pairs(q: Tensor) -> Tensor:
     """An int8 ``[N, K]`` weight (K even) in the native kernels' pairs layout ``[ceil(N / 16), 16 K]``: groups of
     16 output rows (zero rows pad the last), in each the inputs in pairs with the 16 rows' pairs side by side
     (``[group, K / 2, 16, 2]``), so that one vector load holds 16 outputs' next two inputs."""
@@ -242,7 +242,7 @@ class Int4Linear(nn.Module):
     In ``state_dict()`` and files ``weight`` is uint8 ``[out, in / 2]``, two values per byte (low nibble = even
     input index), ``scale`` and ``zero`` bf16 ``[out, in / group]``: a plain, device-independent layout. On a CPU
     whose native kernels multiply in int16 pairs the module keeps all three in those kernels' pairs layout
-    (``pairs`` is then True; ``_int4_to_pairs``); elsewhere on CPU torch's packed kernel's layout is derived on
+    (``pairs`` is then True; ``int4_to_pairs``); elsewhere on CPU torch's packed kernel's layout is derived on
     first use.
     """
 
@@ -280,7 +280,7 @@ class Int4Linear(nn.Module):
         if not self.pairs and self.weight.is_cpu and self.group_size % 4 == 0 and self.group_size <= 4096 \
                 and _native_int16_dot():
             self.weight, self.scale, self.zero = (own_copy(t, t.device, t.dtype) for t in
-                                                  _int4_to_pairs(self.weight, self.scale, self.zero))
+                                                  int4_to_pairs(self.weight, self.scale, self.zero))
             self.pairs = True
 
     def _standard(self) -> None:
@@ -369,7 +369,7 @@ def _to_pair_groups(t: Tensor) -> Tensor:
     return padded.view(-1, PAIR_GROUP, groups).transpose(1, 2).contiguous()
 
 
-def _int4_to_pairs(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def int4_to_pairs(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """An Int4Linear's ``[N, K / 2]`` weight and ``[N, K / group]`` scale and zero in the native kernels' pairs
     layout: groups of 16 output rows; in each, a block of 32 bytes per 4 inputs, byte ``2 o + j`` holding input
     ``4 t + j`` of row ``o`` in its low nibble and ``4 t + 2 + j`` in its high one (one widening load, a mask and a

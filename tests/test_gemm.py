@@ -75,7 +75,7 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     dequantized = q.double() * scale.double()[:, None]
     cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), x.double() @ dequantized.T)]
     if ops.int16_dot() and in_features % 2 == 0:          # Int8Linear's layout on such CPUs
-        cases.append((ops.linear_int8_pairs(x, quant.to_pairs(q), scale), _int16(x).double() @ dequantized.T))
+        cases.append((ops.linear_int8_pairs(x, quant.int8_to_pairs(q), scale), _int16(x).double() @ dequantized.T))
     if rows <= gemm.NATIVE_MAX_ROWS:
         cases.append((ops.matmul(x, weight.T.contiguous()), exact))
     for got, want in cases:
@@ -103,7 +103,7 @@ def test_int8_activations_are_quantized_per_row_to_int16(rows):
     x = torch.randn(rows, 300, generator=g) * torch.tensor([1.0, 1e-3, 50.0]).repeat(3)[:rows, None]
     x[1, 7] = 0.0
     q, scale = torch.eye(300, dtype=torch.int8), torch.ones(300, dtype=torch.bfloat16)
-    got = native.ops("decode").linear_int8_pairs(x.contiguous(), quant.to_pairs(q), scale)   # x @ I: x as seen
+    got = native.ops("decode").linear_int8_pairs(x.contiguous(), quant.int8_to_pairs(q), scale)   # x @ I: x as seen
     assert ((got - x).abs() / x.abs().amax(dim=1, keepdim=True)).max() <= 1 / 65534 + 1e-7
     torch.testing.assert_close(got, _int16(x), rtol=1e-6, atol=0)
 
@@ -145,7 +145,7 @@ def test_non_finite_activations_give_non_finite_outputs(rows):
     w, q, scale = torch.randn(24, 40), torch.randint(-127, 128, (24, 40), dtype=torch.int8), torch.ones(24).bfloat16()
     outs = [ops.linear(x, w), ops.linear(x, w.bfloat16()), ops.linear_int8(x, q, scale)]
     if ops.int16_dot():
-        outs.append(ops.linear_int8_pairs(x, quant.to_pairs(q), scale))
+        outs.append(ops.linear_int8_pairs(x, quant.int8_to_pairs(q), scale))
     for out in outs:
         assert out[0].isnan().all()
         if rows > 1:
@@ -162,7 +162,7 @@ def test_int8_pairs_sums_do_not_overflow(rows):
     if not ops.int16_dot():
         pytest.skip("no int16 dot products on this CPU: no pairs layout")
     x, q = torch.ones(rows, 3072), torch.full((20, 3072), 127, dtype=torch.int8)
-    out = ops.linear_int8_pairs(x, quant.to_pairs(q), torch.ones(20).bfloat16())
+    out = ops.linear_int8_pairs(x, quant.int8_to_pairs(q), torch.ones(20).bfloat16())
     assert torch.equal(out, torch.full((rows, 20), 127.0 * 3072))
 
 
@@ -178,7 +178,7 @@ def test_native_kernels_refuse_bad_operands():
     with pytest.raises(RuntimeError, match="fp32"):
         ops.matmul(torch.randn(1, 8).double(), torch.randn(8, 3))
     if ops.int16_dot():
-        pairs = quant.to_pairs(torch.zeros(20, 64, dtype=torch.int8))
+        pairs = quant.int8_to_pairs(torch.zeros(20, 64, dtype=torch.int8))
         with pytest.raises(RuntimeError, match="groups"):
             ops.linear_int8_pairs(torch.randn(1, 64), pairs, torch.ones(40).bfloat16())
         with pytest.raises(RuntimeError, match="columns"):
