@@ -708,48 +708,83 @@ struct Int4Pairs {
     int64_t K, group;
 };
 
-// y[m, 16 g + o] = step[m] * sum over the weight's groups (M rows of x, pairs KP apart; xsum [M, K / group] the
-// activation sums), fetching `fetch` (the next group of rows, if given) a line every second block.
-template <int M>
+// y[m, 16 (g + v) + o] = step[m] * sum over the weight's quantization groups, for M rows of x (pairs KP apart;
+// xsum [M, K / group] their sums per group) and V groups of 16 output rows from g, fetching `fetch` (the same
+// places V groups later, if given) a line per group every second block.
+template <int M, int V>
 void int4_pair_tile(const int32_t* x, int64_t KP, const float* xsum, const Int4Pairs& w, int64_t g, float* y,
                     int64_t N, const float* step, const uint8_t* fetch) {
-    const int64_t groups = w.K / w.group, blocks = w.group / 4;     // 2-pair blocks of 32 bytes per group
-    const uint8_t* q = w.q + g * (w.K / 4) * PAIR_BYTES;
+    // one group of rows: the block's two pairs in separate sums (two chains of latency a row); two groups: one
+    // sum each, already 2 M chains
+    constexpr int CHAINS = V == 1 ? 2 : 1;
+    const int64_t groups = w.K / w.group, blocks = w.group / 4, group_bytes = w.K / 4 * PAIR_BYTES;
+    const uint8_t* q = w.q + g * group_bytes;
     const __m512i low = _mm512_set1_epi16(0x0F);
-    __m512 total[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
-    for (int64_t gi = 0; gi < groups; ++gi) {
-        __m512i acc[2][M];     // the block's first and second pair in separate sums: two chains of latency a row
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_si512();
-        for (int64_t t = gi * blocks; t < (gi + 1) * blocks; ++t) {
-            if (fetch && (t & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(fetch + t * PAIR_BYTES), _MM_HINT_T0);
-            const __m256i block = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * PAIR_BYTES));
-            const __m512i bytes = _mm512_cvtepu8_epi16(block);
-            __m512i first = _mm512_and_si512(bytes, low), second = _mm512_srli_epi16(bytes, 4);
-            asm("" : "+v"(first), "+v"(second));
-#pragma GCC unroll 8
-            for (int m = 0; m < M; ++m) {
-                __m512i a = acc[0][m], b = acc[1][m];     // in place and through locals, as in pair_products
-                asm("vpdpwssd %2, %1, %0" : "+v"(a) : "v"(first), "v"(_mm512_set1_epi32(x[m * KP + 2 * t])));
-                asm("vpdpwssd %2, %1, %0" : "+v"(b) : "v"(second), "v"(_mm512_set1_epi32(x[m * KP + 2 * t + 1])));
-                acc[0][m] = a;
-                acc[1][m] = b;
-            }
-        }
-        const __m512 s = load_operand(w.scale + (g * groups + gi) * PAIR_GROUP, __mmask16(0xFFFF));
-        const __m512 z = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s,
-                                          load_operand(w.zero + (g * groups + gi) * PAIR_GROUP, __mmask16(0xFFFF)));
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m)
-            total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[0][m], acc[1][m])), s,
-                                       _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + gi]), z, total[m]));
-    }
-    const __mmask16 mask = tail_mask(std::max<int64_t>(0, N - g * PAIR_GROUP));
+    __m512 total[V][M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
-        _mm512_mask_storeu_ps(y + m * N + g * PAIR_GROUP, mask, _mm512_mul_ps(total[m], _mm512_set1_ps(step[m])));
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) total[v][m] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        __m512i acc[CHAINS][V][M];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+            for (int v = 0; v < V; ++v)
+#pragma GCC unroll 2
+                for (int c = 0; c < CHAINS; ++c) acc[c][v][m] = _mm512_setzero_si512();
+        for (int64_t t = gi * blocks; t < (gi + 1) * blocks; ++t) {
+            __m512i first[V], second[V];
+#pragma GCC unroll 2
+            for (int v = 0; v < V; ++v) {
+                const uint8_t* at = q + v * group_bytes + t * PAIR_BYTES;
+                if (fetch && (t & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(fetch + (at - q)), _MM_HINT_T0);
+                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+                first[v] = _mm512_and_si512(bytes, low);
+                second[v] = _mm512_srli_epi16(bytes, 4);
+                asm("" : "+v"(first[v]), "+v"(second[v]));
+            }
+#pragma GCC unroll 8
+            for (int m = 0; m < M; ++m) {
+                __m512i x0 = _mm512_set1_epi32(x[m * KP + 2 * t]), x1 = _mm512_set1_epi32(x[m * KP + 2 * t + 1]);
+                if constexpr (V > 1) asm("" : "+v"(x0), "+v"(x1));
+#pragma GCC unroll 2
+                for (int v = 0; v < V; ++v) {
+                    // in place and through locals, as in pair_products
+                    __m512i a = acc[0][v][m], b = acc[CHAINS - 1][v][m];
+                    asm("vpdpwssd %2, %1, %0" : "+v"(a) : "v"(first[v]), "v"(x0));
+                    if constexpr (CHAINS == 2) {
+                        asm("vpdpwssd %2, %1, %0" : "+v"(b) : "v"(second[v]), "v"(x1));
+                        acc[1][v][m] = b;
+                    } else {
+                        asm("vpdpwssd %2, %1, %0" : "+v"(a) : "v"(second[v]), "v"(x1));
+                    }
+                    acc[0][v][m] = a;
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) {
+            const int64_t at = ((g + v) * groups + gi) * PAIR_GROUP;
+            const __m512 s = load_operand(w.scale + at, __mmask16(0xFFFF));
+            const __m512 z = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, load_operand(w.zero + at, __mmask16(0xFFFF)));
+#pragma GCC unroll 8
+            for (int m = 0; m < M; ++m) {
+                __m512i sum = acc[0][v][m];
+                if constexpr (CHAINS == 2) sum = _mm512_add_epi32(sum, acc[1][v][m]);
+                total[v][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s,
+                                              _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + gi]), z, total[v][m]));
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+        const __mmask16 mask = tail_mask(std::max<int64_t>(0, N - (g + v) * PAIR_GROUP));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m)
+            _mm512_mask_storeu_ps(y + m * N + (g + v) * PAIR_GROUP, mask,
+                                  _mm512_mul_ps(total[v][m], _mm512_set1_ps(step[m])));
+    }
 }
 
 // x [M, K] @ W.T for an int4 weight in the pairs layout (Int4Pairs; groups a multiple of 4 inputs, at most 4096):
@@ -784,13 +819,22 @@ at::Tensor linear_int4_pairs(const at::Tensor& x, const at::Tensor& q, const at:
     const int32_t* xp = reinterpret_cast<const int32_t*>(xs16);
     float* yp = y.data_ptr<float>();
     const int64_t group_bytes = KP / 2 * PAIR_BYTES;
-    at::parallel_for(0, G, std::max<int64_t>(1, GRAIN_BYTES / group_bytes), [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; ++g)
+    // up to MAX_ROWS rows one group of 16 outputs at a time; more, two, 8 rows a pass
+    const int64_t V = M <= MAX_ROWS ? 1 : 2, blocks = (G + V - 1) / V;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, GRAIN_BYTES / (V * group_bytes)), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
             for (int64_t m0 = 0; m0 < M; m0 += 8) {
-                const uint8_t* fetch = m0 == 0 && g + 1 < g1 ? w.q + (g + 1) * group_bytes : nullptr;
+                const int64_t g = b * V;
+                const uint8_t* fetch = m0 == 0 && b + 1 < b1 ? w.q + (g + V) * group_bytes : nullptr;
                 dispatch_rows<8>(std::min<int64_t>(8, M - m0), [&](auto rows) {
-                    int4_pair_tile<decltype(rows)::value>(xp + m0 * KP, KP, xsum.data() + m0 * groups, w, g,
-                                                          yp + m0 * N, N, step.data() + m0, fetch);
+                    constexpr int R = decltype(rows)::value;
+                    const int32_t* xs = xp + m0 * KP;
+                    const float* sums = xsum.data() + m0 * groups;
+                    if (V == 2 && g + 1 < G)
+                        int4_pair_tile<R, 2>(xs, KP, sums, w, g, yp + m0 * N, N, step.data() + m0, fetch);
+                    else
+                        int4_pair_tile<R, 1>(xs, KP, sums, w, g, yp + m0 * N, N, step.data() + m0,
+                                             V == 1 ? fetch : nullptr);
                 });
             }
     });
