@@ -117,7 +117,55 @@ class DenseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"
 
 
-class Int8Linear(nn.Module):
+class _PairsLayout(nn.Module):
+    """A module whose buffers live in memory in the native kernels' pairs layout where those kernels take it
+    (``pairs`` True) and in their plain layout everywhere else: in ``state_dict()`` (so files keep the plain
+    layout), while loading one, and while being moved (``.to()``; arranged again on CPU afterwards)."""
+
+    pairs = False
+
+    def _takes_pairs(self) -> bool:
+        """Whether the native kernels take this module's weights in the pairs layout."""
+        raise NotImplementedError
+
+    def _pairs_buffers(self) -> dict[str, Tensor]:
+        """The plain-layout buffers rearranged into the pairs layout."""
+        raise NotImplementedError
+
+    def _plain_buffers(self) -> dict[str, Tensor]:
+        """The pairs-layout buffers back in the plain layout."""
+        raise NotImplementedError
+
+    def _arrange(self) -> None:
+        if not self.pairs and self._takes_pairs():
+            for name, t in self._pairs_buffers().items():
+                setattr(self, name, own_copy(t, t.device, t.dtype))   # huge pages, as the other weights
+            self.pairs = True
+
+    def _standard(self) -> None:
+        if self.pairs:
+            for name, t in self._plain_buffers().items():
+                setattr(self, name, t.contiguous())
+            self.pairs = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.pairs:
+            destination.update({prefix + name: t for name, t in self._plain_buffers().items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._standard()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._arrange()
+
+    def _apply(self, fn, recurse=True):
+        self._standard()
+        out = super()._apply(fn, recurse)
+        self._arrange()
+        return out
+
+
+class Int8Linear(_PairsLayout):
     """Weight-only int8 with per-output-channel scales: ``W = weight * scale[:, None]``.
 
     ``state_dict()`` and files hold ``weight`` as ``[out, in]``. On a CPU whose native kernels multiply int8 in
@@ -132,7 +180,6 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
-        self.pairs = False
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -145,17 +192,14 @@ class Int8Linear(nn.Module):
         m._arrange()
         return m
 
-    def _arrange(self) -> None:
-        """Take the pairs layout where the native kernels use it (CPU, int16 pairs, an even in_features)."""
-        if not self.pairs and self.weight.is_cpu and self.in_features % 2 == 0 and _native_int16_dot():
-            self.weight = own_copy(int8_to_pairs(self.weight), self.weight.device, torch.int8)
-            self.pairs = True
+    def _takes_pairs(self) -> bool:
+        return self.weight.is_cpu and self.in_features % 2 == 0 and _native_int16_dot()
 
-    def _standard(self) -> None:
-        """Back to the ``[out, in]`` layout."""
-        if self.pairs:
-            self.weight = self.rows().contiguous()
-            self.pairs = False
+    def _pairs_buffers(self) -> dict[str, Tensor]:
+        return {"weight": int8_to_pairs(self.weight)}
+
+    def _plain_buffers(self) -> dict[str, Tensor]:
+        return {"weight": self.rows()}
 
     def rows(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """Rows ``lo:hi`` of the int8 weight as ``[out, in]``, whatever the layout in memory."""
@@ -165,22 +209,6 @@ class Int8Linear(nn.Module):
         g0, g1 = lo // PAIR_GROUP, -(-hi // PAIR_GROUP)
         block = native.ops("decode").int8_pairs_rows(self.weight, g0, g1)
         return block[lo - g0 * PAIR_GROUP:hi - g0 * PAIR_GROUP]
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.pairs:
-            destination[prefix + "weight"] = self.rows()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._standard()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._arrange()
-
-    def _apply(self, fn, recurse=True):                 # .to()/.cuda(): moved as [out, in], arranged again on CPU
-        self._standard()
-        out = super()._apply(fn, recurse)
-        self._arrange()
-        return out
 
     def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.rows(lo, hi).to(dtype) * self.scale[lo:hi, None].to(dtype)
@@ -236,7 +264,7 @@ def _round_up_to_bf16(x: Tensor) -> Tensor:
     return torch.where(y < x, bumped, y)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_PairsLayout):
     """Weight-only int4, asymmetric per group: ``W[o, g*G:(g+1)*G] = (q - 8) * scale[o, g] + zero[o, g]``.
 
     In ``state_dict()`` and files ``weight`` is uint8 ``[out, in / 2]``, two values per byte (low nibble = even
@@ -259,7 +287,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
         self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.bfloat16, device=device))
         self._cpu_packed: tuple[Tensor, Tensor] | None = None
-        self.pairs = False
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = 64) -> Int4Linear:
@@ -275,19 +302,14 @@ class Int4Linear(nn.Module):
         m._arrange()
         return m
 
-    def _arrange(self) -> None:
-        """Take the pairs layout where the native kernels use it (CPU, int16 pairs, groups of 4k <= 4096 inputs)."""
-        if not self.pairs and self.weight.is_cpu and self.group_size % 4 == 0 and self.group_size <= 4096 \
-                and _native_int16_dot():
-            self.weight, self.scale, self.zero = (own_copy(t, t.device, t.dtype) for t in
-                                                  int4_to_pairs(self.weight, self.scale, self.zero))
-            self.pairs = True
+    def _takes_pairs(self) -> bool:                      # groups of 4k <= 4096 inputs
+        return self.weight.is_cpu and self.group_size % 4 == 0 and self.group_size <= 4096 and _native_int16_dot()
 
-    def _standard(self) -> None:
-        """Back to the ``[out, in / 2]`` layout."""
-        if self.pairs:
-            self.weight, self.scale, self.zero = self._stored()
-            self.pairs = False
+    def _pairs_buffers(self) -> dict[str, Tensor]:
+        return dict(zip(("weight", "scale", "zero"), int4_to_pairs(self.weight, self.scale, self.zero)))
+
+    def _plain_buffers(self) -> dict[str, Tensor]:
+        return dict(zip(("weight", "scale", "zero"), self._stored()))
 
     def _stored(self, lo: int = 0, hi: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Rows ``lo:hi`` of weight, scale and zero in the ``[out, ...]`` layout, whatever the layout in memory."""
@@ -300,17 +322,9 @@ class Int4Linear(nn.Module):
         scale, zero = (t[g0:g1].transpose(1, 2).reshape(-1, t.shape[1])[rows] for t in (self.scale, self.zero))
         return q, scale.contiguous(), zero.contiguous()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.pairs:
-            for name, t in zip(("weight", "scale", "zero"), self._stored()):
-                destination[prefix + name] = t
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._standard()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._cpu_packed = None
-        self._arrange()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _unpack(self, packed: Tensor) -> Tensor:
         """The values 0..15 of ``[rows, in / 2]`` stored bytes, as ``[rows, in]``."""
@@ -331,12 +345,9 @@ class Int4Linear(nn.Module):
             self._cpu_packed = (packed, scales_zeros)
         return self._cpu_packed
 
-    def _apply(self, fn, recurse=True):   # .to()/.cuda(): moved as [out, in / 2], arranged again on CPU
+    def _apply(self, fn, recurse=True):                  # .to()/.cuda() invalidate torch's kernel layout
         self._cpu_packed = None
-        self._standard()
-        out = super()._apply(fn, recurse)
-        self._arrange()
-        return out
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features

@@ -123,6 +123,32 @@ def test_int8_pairs_layout_is_invisible_outside_the_kernels():
             assert out.dtype == dtype and ((out.double() - want).norm() / want.norm()).item() < tol
 
 
+def test_int4_pairs_layout_is_invisible_outside_the_kernels():
+    """The same for Int4Linear: weight, scale and zero in the pairs layout in memory, plain in state_dict (equal
+    to a module taken back to the plain layout), through load_state_dict and module moves."""
+    if not quant._native_int16_dot():
+        pytest.skip("no int16 dot products on this CPU: the [out, in / 2] layout stays")
+    g = torch.Generator().manual_seed(4)
+    lin = nn.Linear(128, 37, bias=False)
+    nn.init.normal_(lin.weight, generator=g)
+    q = quant.Int4Linear.from_linear(lin, 32)
+    plain = copy.deepcopy(q)
+    plain._standard()
+    assert q.pairs and not plain.pairs and plain.weight.shape == (37, 64) and plain.scale.shape == (37, 4)
+    sd = q.state_dict()
+    assert sd.keys() == plain.state_dict().keys()
+    assert all(torch.equal(sd[k], t) for k, t in plain.state_dict().items())
+    other = quant.Int4Linear(128, 37, 32)
+    other.load_state_dict(sd)
+    assert other.pairs and all(torch.equal(getattr(other, k), getattr(q, k)) for k in ("weight", "scale", "zero"))
+    q.to("cpu")
+    assert q.pairs and torch.equal(q.dequantize(), plain.dequantize())
+    x = torch.randn(3, 128, generator=g)
+    with torch.no_grad():
+        assert q(x.bfloat16()).dtype == torch.bfloat16
+        torch.testing.assert_close(q(x), other(x), rtol=0, atol=0)
+
+
 def test_fallback_under_autograd_and_blocked_dequantization(monkeypatch):
     """With grad enabled the packed kernels (no autograd formula) are skipped; a big matrix is
     dequantized block by block."""
