@@ -1,10 +1,11 @@
 """The native kernels' portable code: built for an AVX2-only target (``GOOSE_NATIVE_ARCH=x86-64-v3``), the
-kernel tests must pass unchanged.
+kernel tests must pass unchanged, and so must the weight formats' (there int8 and int4 keep their plain layouts
+and run on the fp32 kernels and torch's packed ones, which the pairs layouts replace on this machine).
 
 On this project's machine the kernels compile with ``-march=native``, which takes their AVX-512 paths; a CPU
 without AVX-512 (most laptops, older servers) runs the portable loops instead, which the other tests never
 reach. This test builds that variant into a fresh cache and runs the kernels' own test modules against it in
-a subprocess (~1.5 min, mostly compiling).
+a subprocess (0.5-1.5 min, mostly compiling).
 """
 import os
 import platform
@@ -17,7 +18,7 @@ import pytest
 from goose.ops import native
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_TESTS = ["tests/test_gemm.py", "tests/test_decode.py", "tests/test_wkv.py"]
+KERNEL_TESTS = ["tests/test_gemm.py", "tests/test_decode.py", "tests/test_wkv.py", "tests/test_quant.py"]
 
 
 @pytest.mark.skipif(not native.ENABLED, reason="native kernels turned off (GOOSE_NATIVE=0)")
