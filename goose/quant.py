@@ -101,7 +101,7 @@ class DenseLinear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> DenseLinear:
         m = cls(lin.in_features, lin.out_features, dtype, lin.weight.device)
-        m.weight = lin.weight.detach().to(dtype).contiguous()
+        m.weight = own_copy(lin.weight.detach(), lin.weight.device, dtype)   # huge pages: decoding reads it
         return m
 
     def forward(self, x: Tensor) -> Tensor:
@@ -136,10 +136,18 @@ class _PairsLayout(nn.Module):
         """The pairs-layout buffers back in the plain layout."""
         raise NotImplementedError
 
+    def _settle(self) -> None:
+        """A new module's buffers in memory of its own, on huge pages (``own_copy``), as loaders leave weights:
+        rearranged into the pairs layout, which ``_pairs_buffers`` writes there, or copied as they are."""
+        self._arrange()
+        if not self.pairs:
+            for name, t in self._buffers.items():
+                setattr(self, name, own_copy(t, t.device, t.dtype))
+
     def _arrange(self) -> None:
         if not self.pairs and self._takes_pairs():
             for name, t in self._pairs_buffers().items():
-                setattr(self, name, own_copy(t, t.device, t.dtype))   # huge pages, as the other weights
+                setattr(self, name, t)
             self.pairs = True
 
     def _standard(self) -> None:
@@ -163,6 +171,15 @@ class _PairsLayout(nn.Module):
         out = super()._apply(fn, recurse)
         self._arrange()
         return out
+
+    def _pairs_product(self, x: Tensor, op: str, *operands) -> Tensor | None:
+        """``x @ W.T`` on the pairs kernel ``op`` if it takes this call (any activation dtype: it quantizes them to
+        int16), else None."""
+        x32 = x.float()
+        rows = native_rows(x32, NATIVE_QUANT_MAX_ROWS)
+        if not rows:
+            return None
+        return call_on_rows(getattr(native.ops("decode"), op), x32, rows, self.weight, *operands).to(x.dtype)
 
 
 class Int8Linear(_PairsLayout):
@@ -189,7 +206,7 @@ class Int8Linear(_PairsLayout):
         scale = _round_up_to_bf16(scale)                # exact in bf16, and never below absmax / 127
         m.weight = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         m.scale = scale.to(torch.bfloat16)              # exact: the kernel's bf16 scales lose nothing
-        m._arrange()
+        m._settle()
         return m
 
     def _takes_pairs(self) -> bool:
@@ -205,21 +222,18 @@ class Int8Linear(_PairsLayout):
         """Rows ``lo:hi`` of the int8 weight as ``[out, in]``, whatever the layout in memory."""
         if not self.pairs:
             return self.weight[lo:hi]
-        hi = self.out_features if hi is None else min(hi, self.out_features)
-        g0, g1 = lo // PAIR_GROUP, -(-hi // PAIR_GROUP)
-        block = native.ops("decode").int8_pairs_rows(self.weight, g0, g1)
-        return block[lo - g0 * PAIR_GROUP:hi - g0 * PAIR_GROUP]
+        g0, g1, rows = _pair_groups(lo, hi, self.out_features)
+        return native.ops("decode").int8_pairs_rows(self.weight, g0, g1)[rows]
 
     def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.rows(lo, hi).to(dtype) * self.scale[lo:hi, None].to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if self.pairs:                                  # any activation dtype: the kernel quantizes them to int16
-            x32 = x.float()
-            if native_rows(x32, NATIVE_QUANT_MAX_ROWS):
-                out = call_on_rows(native.ops("decode").linear_int8_pairs, x32, rows, self.weight, self.scale)
-                return out.to(x.dtype)
+        if self.pairs:
+            out = self._pairs_product(x, "linear_int8_pairs", self.scale)
+            if out is not None:
+                return out
         elif native_rows(x, NATIVE_QUANT_MAX_ROWS):    # fp32 activations, decoding: goose's kernels
             return call_on_rows(native.ops("decode").linear_int8, x, rows, self.weight, self.scale)
         if _HAS_INT8_MM and not self.pairs and _packed_path(x, rows, self.packed_max_rows):
@@ -240,15 +254,32 @@ class Int8Linear(_PairsLayout):
 PAIR_GROUP = 16    # output rows per group of the pairs layout (csrc/decode.cpp)
 
 
+def _padded_rows(t: Tensor) -> Tensor:
+    """``t`` with zero rows appended up to a whole number of groups of 16 (``t`` itself if it has them)."""
+    missing = -t.shape[0] % PAIR_GROUP
+    return t if missing == 0 else torch.cat([t, t.new_zeros(missing, *t.shape[1:])])
+
+
+def _pair_groups(lo: int, hi: int | None, N: int) -> tuple[int, int, slice]:
+    """The groups of 16 rows ``[g0, g1)`` that hold rows ``lo:hi`` of ``N``, and where those rows lie in them."""
+    hi = N if hi is None else min(hi, N)
+    g0, g1 = lo // PAIR_GROUP, -(-hi // PAIR_GROUP)
+    return g0, g1, slice(lo - g0 * PAIR_GROUP, hi - g0 * PAIR_GROUP)
+
+
+def _materialized(view: Tensor) -> Tensor:
+    """A rearranging view written once, into memory of its own on huge pages (``own_copy``; a tensor too small
+    for them is copied keeping the view's strides, hence ``contiguous``)."""
+    return own_copy(view, view.device, view.dtype).contiguous()
+
+
 def int8_to_pairs(q: Tensor) -> Tensor:
     """An int8 ``[N, K]`` weight (K even) in the native kernels' pairs layout ``[ceil(N / 16), 16 K]``: groups of
     16 output rows (zero rows pad the last), in each the inputs in pairs with the 16 rows' pairs side by side
     (``[group, K / 2, 16, 2]``), so that one vector load holds 16 outputs' next two inputs."""
-    N, K = q.shape
-    groups = -(-N // PAIR_GROUP)
-    padded = q.new_zeros(groups * PAIR_GROUP, K)
-    padded[:N] = q
-    return padded.view(groups, PAIR_GROUP, K // 2, 2).transpose(1, 2).reshape(groups, PAIR_GROUP * K)
+    padded = _padded_rows(q)
+    groups, K = padded.shape[0] // PAIR_GROUP, padded.shape[1]
+    return _materialized(padded.view(groups, PAIR_GROUP, K // 2, 2).transpose(1, 2)).view(groups, -1)
 
 
 @functools.cache
@@ -299,7 +330,7 @@ class Int4Linear(_PairsLayout):
         q = q.view(m.out_features, -1)
         m.weight = q[:, 0::2] | (q[:, 1::2] << 4)
         m.scale, m.zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
-        m._arrange()
+        m._settle()
         return m
 
     def _takes_pairs(self) -> bool:                      # groups of 4k <= 4096 inputs
@@ -315,9 +346,7 @@ class Int4Linear(_PairsLayout):
         """Rows ``lo:hi`` of weight, scale and zero in the ``[out, ...]`` layout, whatever the layout in memory."""
         if not self.pairs:
             return self.weight[lo:hi], self.scale[lo:hi], self.zero[lo:hi]
-        hi = self.out_features if hi is None else min(hi, self.out_features)
-        g0, g1 = lo // PAIR_GROUP, -(-hi // PAIR_GROUP)
-        rows = slice(lo - g0 * PAIR_GROUP, hi - g0 * PAIR_GROUP)
+        g0, g1, rows = _pair_groups(lo, hi, self.out_features)
         q = native.ops("decode").int4_pairs_rows(self.weight, g0, g1)[rows]
         scale, zero = (t[g0:g1].transpose(1, 2).reshape(-1, t.shape[1])[rows] for t in (self.scale, self.zero))
         return q, scale.contiguous(), zero.contiguous()
@@ -351,12 +380,11 @@ class Int4Linear(_PairsLayout):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if self.pairs:                                  # any activation dtype: the kernel quantizes them to int16
-            x32 = x.float()
-            if native_rows(x32, NATIVE_QUANT_MAX_ROWS):
-                out = call_on_rows(native.ops("decode").linear_int4_pairs, x32, rows, self.weight, self.scale,
-                                   self.zero, self.group_size, self.out_features)
-                return out.to(x.dtype)
+        if self.pairs:
+            out = self._pairs_product(x, "linear_int4_pairs", self.scale, self.zero, self.group_size,
+                                      self.out_features)
+            if out is not None:
+                return out
         elif _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows) and self.out_features % 16 == 0:
             packed, scales_zeros = self._cpu_kernel_args()
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
@@ -374,10 +402,8 @@ class Int4Linear(_PairsLayout):
 
 def _to_pair_groups(t: Tensor) -> Tensor:
     """Per-row, per-group values ``[N, groups]`` as ``[ceil(N / 16), groups, 16]`` (zero rows pad the last)."""
-    N, groups = t.shape
-    padded = t.new_zeros(-(-N // PAIR_GROUP) * PAIR_GROUP, groups)
-    padded[:N] = t
-    return padded.view(-1, PAIR_GROUP, groups).transpose(1, 2).contiguous()
+    padded = _padded_rows(t)
+    return _materialized(padded.view(-1, PAIR_GROUP, t.shape[1]).transpose(1, 2))
 
 
 def int4_to_pairs(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -385,13 +411,11 @@ def int4_to_pairs(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tenso
     layout: groups of 16 output rows; in each, a block of 32 bytes per 4 inputs, byte ``2 o + j`` holding input
     ``4 t + j`` of row ``o`` in its low nibble and ``4 t + 2 + j`` in its high one (one widening load, a mask and a
     shift give 16 rows' next two pairs of inputs); scale and zero as ``[groups of rows, K / group, 16]``."""
-    N, K = q.shape[0], 2 * q.shape[1]
-    values = torch.stack([q & 15, q >> 4], dim=-1).view(N, K)
-    padded = values.new_zeros(-(-N // PAIR_GROUP) * PAIR_GROUP, K)
-    padded[:N] = values
-    blocks = padded.view(-1, PAIR_GROUP, K // 4, 2, 2)           # [group, o, t, pair within the block, j]
-    packed = (blocks[:, :, :, 0] | (blocks[:, :, :, 1] << 4)).transpose(1, 2).reshape(-1, K // 4 * 32)
-    return packed, _to_pair_groups(scale), _to_pair_groups(zero)
+    padded = _padded_rows(q)
+    groups, K = padded.shape[0] // PAIR_GROUP, 2 * padded.shape[1]
+    values = torch.stack([padded & 15, padded >> 4], dim=-1).view(groups, PAIR_GROUP, K // 4, 2, 2)
+    packed = values[:, :, :, 0] | (values[:, :, :, 1] << 4)       # [group, o, t, j]: byte 2 o + j of block t
+    return _materialized(packed.transpose(1, 2)).view(groups, -1), _to_pair_groups(scale), _to_pair_groups(zero)
 
 
 QUANTIZED = (DenseLinear, Int8Linear, Int4Linear)
@@ -425,8 +449,6 @@ def quantize(model: nn.Module, fmt: str, group_size: int = 64) -> nn.Module:
             new = Int8Linear.from_linear(lin)
         else:
             new = Int4Linear.from_linear(lin, group_size)
-        for name, buf in new.named_buffers():             # huge pages for the weights decoding reads (own_copy)
-            setattr(new, name, own_copy(buf, buf.device, buf.dtype))
         setattr(parent, attr, new)
     return model
 
