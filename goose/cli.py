@@ -58,13 +58,15 @@ def _load_model(args: argparse.Namespace):
     dtype = DTYPES[args.dtype]
     if args.model and quant.is_quantized_file(args.model):
         model = quant.load_quantized(args.model, device=args.device, dtype=dtype)
-    elif args.model:
-        model = load(args.model, device=args.device, dtype=dtype)
     else:
-        print(demo.notice(demo.info()), file=sys.stderr)
-        model = demo.load_demo(device=args.device, dtype=dtype)
-    if getattr(args, "quant", None):
-        model = quant.quantize(model, args.quant)
+        if args.model:
+            model = load(args.model, device=args.device, dtype=dtype)
+        else:
+            print(demo.notice(demo.info()), file=sys.stderr)
+            model = demo.load_demo(device=args.device, dtype=dtype)
+        # the big matrices in an inference format: --quant's, else the weights' own dtype (fp32 weights then live
+        # in the native kernels' panels layout on CPU, faster to decode and batch than nn.Linear's; goose/quant.py)
+        model = quant.quantize(model, getattr(args, "quant", None) or args.dtype)
     tokenizer = tokenizer_for_vocab(model.config.vocab_size, args.tokenizer)
     state = State.load(args.state, device=args.device).to(dtype=dtype) if args.state else None
     return model, tokenizer, state

@@ -6,9 +6,14 @@ key/value, head) for modules that compute the same ``x @ W.T`` from a compact we
 model.py is not touched: the math has one copy, and a quantized model is still an ``RWKV7``.
 
 - ``fp32``/``bf16``/``fp16``: the weight in that dtype; activations are cast to it and back (so an fp32
-  model can read bf16 weights). fp32 products run on ``goose.ops.matmul``'s CPU kernels, like the plain
-  model's; fp32 rows against bf16 weights (decoding, up to 16 sequences) run on the native kernels, in bf16
-  where the CPU has bf16 dot products (the activations rounded to bf16), else in fp32.
+  model can read bf16 weights). On a CPU with AVX-512 an fp32 weight lives in the native kernels' "panels"
+  layout (``to_panels``: 16 output rows' values of each input side by side), and so does a bf16 one where the
+  CPU has bf16 dot products (inputs in pairs, multiplied in bf16 with the activations rounded to bf16): one
+  kernel, ``linear_panels``, then serves every row count without autograd, decoding, batched decoding and
+  prefill (measured on L12-D768's matrices against the ``[out, in]`` kernels: fp32 at 16 rows 0.76-0.84x the
+  time, bf16 0.74x; one row 0.96x and 0.81x; 1024 rows as fast as oneDNN's GEMM). Elsewhere fp32 products run
+  on ``goose.ops.matmul``'s CPU kernels, like the plain model's, and bf16 ones on the ``[out, in]`` native
+  kernels (decoding) or torch.
 - ``int8``: symmetric, one scale per output channel (``w = q * scale``, ``q`` in [-127, 127]).
 - ``int4``: asymmetric, one (scale, zero) pair per group of ``group_size`` input channels
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
@@ -17,7 +22,7 @@ model.py is not touched: the math has one copy, and a quantized model is still a
 Kernels. On CPU, int8 with up to 64 rows (decoding, batched decoding) runs on goose's native kernels
 (``ops/csrc/decode.cpp``): where the CPU has AVX512-VNNI, the int8 weight is multiplied in integers with the
 activations quantized per row to int16 (each off by at most 1/65534 of its row's largest value), the weight
-kept in memory in those kernels' "pairs" layout (``int8_to_pairs``: 16 output rows' pairs of inputs side by side,
+kept in memory in those kernels' "pairs" layout (``to_panels(q, 2)``: 16 output rows' pairs of inputs side by side,
 so one vector of weights serves every activation row without sums across lanes; measured at 16 rows, the 73 int8
 matrices of L12-D768: 5.9 ms against 8.9 in the [out, in] layout and 21.6 for torch's packed kernel, which rounds
 the activations to bf16); elsewhere with fp32 activations in fp32, the weight as [out, in]. int4 with up to 64
@@ -90,75 +95,49 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.bfloat16 if x.device.type == "cpu" and x.dtype == torch.float32 else x.dtype
 
 
-class DenseLinear(nn.Module):
-    """``x @ W.T`` with W in ``dtype``, whatever the activation dtype."""
+class _KernelLayout(nn.Module):
+    """A module whose buffers live in memory in a native kernel's own layout where that kernel takes them
+    (``arranged`` True: fp32 panels, int8 and int4 pairs) and in their plain layout everywhere else: in
+    ``state_dict()`` (so files keep the plain layout), while loading one, and while being moved (``.to()``;
+    arranged again on CPU afterwards)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+    arranged = False
 
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> DenseLinear:
-        m = cls(lin.in_features, lin.out_features, dtype, lin.weight.device)
-        m.weight = own_copy(lin.weight.detach(), lin.weight.device, dtype)   # huge pages: decoding reads it
-        return m
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if w.dtype == torch.float16 and x.device.type == "cpu" and x.numel() > self.in_features:
-            # CPUs without fp16 arithmetic run fp16 GEMMs on a slow path (only the matrix-vector one is
-            # fast): widen the weight block by block and multiply in fp32 instead
-            out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
-            return out.to(x.dtype)
-        return linear(x, w)          # in w's dtype; up to 16 fp32 rows against bf16 on the native kernels
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}"
-
-
-class _PairsLayout(nn.Module):
-    """A module whose buffers live in memory in the native kernels' pairs layout where those kernels take it
-    (``pairs`` True) and in their plain layout everywhere else: in ``state_dict()`` (so files keep the plain
-    layout), while loading one, and while being moved (``.to()``; arranged again on CPU afterwards)."""
-
-    pairs = False
-
-    def _takes_pairs(self) -> bool:
-        """Whether the native kernels take this module's weights in the pairs layout."""
+    def _takes_layout(self) -> bool:
+        """Whether the native kernels take this module's weights in their layout."""
         raise NotImplementedError
 
-    def _pairs_buffers(self) -> dict[str, Tensor]:
-        """The plain-layout buffers rearranged into the pairs layout."""
+    def _kernel_buffers(self) -> dict[str, Tensor]:
+        """The plain-layout buffers rearranged into the kernel's layout."""
         raise NotImplementedError
 
     def _plain_buffers(self) -> dict[str, Tensor]:
-        """The pairs-layout buffers back in the plain layout."""
+        """The kernel-layout buffers back in the plain layout."""
         raise NotImplementedError
 
     def _settle(self) -> None:
         """A new module's buffers in memory of its own, on huge pages (``own_copy``), as loaders leave weights:
-        rearranged into the pairs layout, which ``_pairs_buffers`` writes there, or copied as they are."""
+        rearranged into the kernel's layout, which ``_kernel_buffers`` writes there, or copied as they are."""
         self._arrange()
-        if not self.pairs:
+        if not self.arranged:
             for name, t in self._buffers.items():
                 setattr(self, name, own_copy(t, t.device, t.dtype))
 
     def _arrange(self) -> None:
-        if not self.pairs and self._takes_pairs():
-            for name, t in self._pairs_buffers().items():
+        if not self.arranged and self._takes_layout():
+            for name, t in self._kernel_buffers().items():
                 setattr(self, name, t)
-            self.pairs = True
+            self.arranged = True
 
     def _standard(self) -> None:
-        if self.pairs:
+        if self.arranged:
             for name, t in self._plain_buffers().items():
                 setattr(self, name, t.contiguous())
-            self.pairs = False
+            self.arranged = False
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.pairs:
+        if self.arranged:
             destination.update({prefix + name: t for name, t in self._plain_buffers().items()})
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -172,22 +151,82 @@ class _PairsLayout(nn.Module):
         self._arrange()
         return out
 
-    def _pairs_product(self, x: Tensor, op: str, *operands) -> Tensor | None:
-        """``x @ W.T`` on the pairs kernel ``op`` if it takes this call (any activation dtype: it quantizes them to
-        int16), else None."""
+    def _kernel_product(self, x: Tensor, op: str, *operands, max_rows: int = NATIVE_QUANT_MAX_ROWS) -> Tensor | None:
+        """``x @ W.T`` on the native kernel ``op`` if it takes this call (up to ``max_rows`` rows; any activation
+        dtype, taken as fp32), else None."""
         x32 = x.float()
-        rows = native_rows(x32, NATIVE_QUANT_MAX_ROWS)
+        rows = native_rows(x32, max_rows)
         if not rows:
             return None
         return call_on_rows(getattr(native.ops("decode"), op), x32, rows, self.weight, *operands).to(x.dtype)
 
 
-class Int8Linear(_PairsLayout):
+class DenseLinear(_KernelLayout):
+    """``x @ W.T`` with W in ``dtype``, whatever the activation dtype.
+
+    An fp32 weight, or a bf16 one with an even number of inputs, on a CPU whose native kernels take it lives in
+    their panels layout (``to_panels``; ``arranged`` is then True) and every product without autograd runs on
+    ``linear_panels``; ``state_dict()`` and files hold ``[out, in]``, and ``rows()`` gives it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> DenseLinear:
+        m = cls(lin.in_features, lin.out_features, dtype, lin.weight.device)
+        m.weight = lin.weight.detach().to(dtype)
+        m._settle()        # a copy of its own, on huge pages (decoding reads it), or rearranged into panels
+        return m
+
+    def _takes_layout(self) -> bool:
+        if not self.weight.is_cpu:
+            return False
+        if self.weight.dtype == torch.bfloat16:
+            return self.in_features % 2 == 0 and _native_bf16_dot()
+        return self.weight.dtype == torch.float32 and _native_fp32_panels()
+
+    def _kernel_buffers(self) -> dict[str, Tensor]:
+        return {"weight": to_panels(self.weight, 1 if self.weight.dtype == torch.float32 else 2)}
+
+    def _plain_buffers(self) -> dict[str, Tensor]:
+        return {"weight": self.rows()}
+
+    def rows(self) -> Tensor:
+        """The weight as ``[out, in]``, whatever the layout in memory (a copy when arranged in panels)."""
+        if not self.arranged:
+            return self.weight
+        inputs = 1 if self.weight.dtype == torch.float32 else 2
+        steps = self.weight.view(-1, self.in_features // inputs, PAIR_GROUP, inputs).transpose(1, 2)
+        return steps.reshape(-1, self.in_features)[:self.out_features]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.arranged:
+            out = self._kernel_product(x, "linear_panels", self.out_features, max_rows=x.numel())
+            if out is not None:
+                return out
+            return F.linear(x, self.rows().to(x.dtype))    # autograd, autocast: rare, so the copy is fine
+        if w.dtype == torch.float16 and x.device.type == "cpu" and x.numel() > self.in_features:
+            # CPUs without fp16 arithmetic run fp16 GEMMs on a slow path (only the matrix-vector one is
+            # fast): widen the weight block by block and multiply in fp32 instead
+            out = _blocked_linear(x.float(), self.out_features, lambda lo, hi: w[lo:hi].float(), self.in_features * 4)
+            return out.to(x.dtype)
+        return linear(x, w)          # in w's dtype; up to 16 fp32 rows against bf16 on the native kernels
+
+    def extra_repr(self) -> str:
+        layout = ", panels layout" if self.arranged else ""
+        return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}{layout}"
+
+
+class Int8Linear(_KernelLayout):
     """Weight-only int8 with per-output-channel scales: ``W = weight * scale[:, None]``.
 
     ``state_dict()`` and files hold ``weight`` as ``[out, in]``. On a CPU whose native kernels multiply int8 in
-    int16 pairs, the module keeps it in those kernels' "pairs" layout instead (``int8_to_pairs``; ``pairs`` is
-    then True): same bytes, rearranged, converted back wherever the ``[out, in]`` form is needed.
+    int16 pairs, the module keeps it in those kernels' "pairs" layout instead (``to_panels(q, 2)``; ``arranged``
+    is then True): same bytes, rearranged, converted back wherever the ``[out, in]`` form is needed.
     """
 
     packed_max_rows = 16     # measured: beyond, dequantize + bf16 GEMM is as fast (`goose bench kernels`)
@@ -209,18 +248,18 @@ class Int8Linear(_PairsLayout):
         m._settle()
         return m
 
-    def _takes_pairs(self) -> bool:
+    def _takes_layout(self) -> bool:
         return self.weight.is_cpu and self.in_features % 2 == 0 and _native_int16_dot()
 
-    def _pairs_buffers(self) -> dict[str, Tensor]:
-        return {"weight": int8_to_pairs(self.weight)}
+    def _kernel_buffers(self) -> dict[str, Tensor]:
+        return {"weight": to_panels(self.weight, 2)}
 
     def _plain_buffers(self) -> dict[str, Tensor]:
         return {"weight": self.rows()}
 
     def rows(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """Rows ``lo:hi`` of the int8 weight as ``[out, in]``, whatever the layout in memory."""
-        if not self.pairs:
+        if not self.arranged:
             return self.weight[lo:hi]
         g0, g1, rows = _pair_groups(lo, hi, self.out_features)
         return native.ops("decode").int8_pairs_rows(self.weight, g0, g1)[rows]
@@ -230,13 +269,13 @@ class Int8Linear(_PairsLayout):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if self.pairs:
-            out = self._pairs_product(x, "linear_int8_pairs", self.scale)
+        if self.arranged:
+            out = self._kernel_product(x, "linear_int8_pairs", self.scale)
             if out is not None:
                 return out
         elif native_rows(x, NATIVE_QUANT_MAX_ROWS):    # fp32 activations, decoding: goose's kernels
             return call_on_rows(native.ops("decode").linear_int8, x, rows, self.weight, self.scale)
-        if _HAS_INT8_MM and not self.pairs and _packed_path(x, rows, self.packed_max_rows):
+        if _HAS_INT8_MM and not self.arranged and _packed_path(x, rows, self.packed_max_rows):
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -247,7 +286,7 @@ class Int8Linear(_PairsLayout):
         return (out.float() * self.scale.float()).to(x.dtype)
 
     def extra_repr(self) -> str:
-        layout = ", pairs layout" if self.pairs else ""
+        layout = ", pairs layout" if self.arranged else ""
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel{layout}"
 
 
@@ -273,13 +312,26 @@ def _materialized(view: Tensor) -> Tensor:
     return own_copy(view, view.device, view.dtype).contiguous()
 
 
-def int8_to_pairs(q: Tensor) -> Tensor:
-    """An int8 ``[N, K]`` weight (K even) in the native kernels' pairs layout ``[ceil(N / 16), 16 K]``: groups of
-    16 output rows (zero rows pad the last), in each the inputs in pairs with the 16 rows' pairs side by side
-    (``[group, K / 2, 16, 2]``), so that one vector load holds 16 outputs' next two inputs."""
-    padded = _padded_rows(q)
+def to_panels(w: Tensor, inputs: int) -> Tensor:
+    """An ``[N, K]`` weight in the native kernels' panels layout ``[ceil(N / 16), 16 K]``: groups of 16 output rows
+    (zero rows pad the last), in each the inputs in steps of ``inputs`` (1 for fp32; pairs for bf16 and for int8,
+    which the kernels widen to int16) with the 16 rows' steps side by side (``[group, K / inputs, 16, inputs]``),
+    so that one vector load holds 16 outputs' next step."""
+    padded = _padded_rows(w)
     groups, K = padded.shape[0] // PAIR_GROUP, padded.shape[1]
-    return _materialized(padded.view(groups, PAIR_GROUP, K // 2, 2).transpose(1, 2)).view(groups, -1)
+    return _materialized(padded.view(groups, PAIR_GROUP, K // inputs, inputs).transpose(1, 2)).view(groups, -1)
+
+
+@functools.cache
+def _native_fp32_panels() -> bool:
+    """Whether the native kernels multiply fp32 weights in the panels layout; asked once."""
+    return native.load("decode") and native.ops("decode").fp32_panels()
+
+
+@functools.cache
+def _native_bf16_dot() -> bool:
+    """Whether the native kernels multiply bf16 weights in bf16 pairs (their bf16 panels layout needs it)."""
+    return native.load("decode") and native.ops("decode").bf16_dot()
 
 
 @functools.cache
@@ -295,13 +347,13 @@ def _round_up_to_bf16(x: Tensor) -> Tensor:
     return torch.where(y < x, bumped, y)
 
 
-class Int4Linear(_PairsLayout):
+class Int4Linear(_KernelLayout):
     """Weight-only int4, asymmetric per group: ``W[o, g*G:(g+1)*G] = (q - 8) * scale[o, g] + zero[o, g]``.
 
     In ``state_dict()`` and files ``weight`` is uint8 ``[out, in / 2]``, two values per byte (low nibble = even
     input index), ``scale`` and ``zero`` bf16 ``[out, in / group]``: a plain, device-independent layout. On a CPU
     whose native kernels multiply in int16 pairs the module keeps all three in those kernels' pairs layout
-    (``pairs`` is then True; ``int4_to_pairs``); elsewhere on CPU torch's packed kernel's layout is derived on
+    (``arranged`` is then True; ``int4_to_pairs``); elsewhere on CPU torch's packed kernel's layout is derived on
     first use.
     """
 
@@ -333,10 +385,10 @@ class Int4Linear(_PairsLayout):
         m._settle()
         return m
 
-    def _takes_pairs(self) -> bool:                      # groups of 4k <= 4096 inputs
+    def _takes_layout(self) -> bool:                      # groups of 4k <= 4096 inputs
         return self.weight.is_cpu and self.group_size % 4 == 0 and self.group_size <= 4096 and _native_int16_dot()
 
-    def _pairs_buffers(self) -> dict[str, Tensor]:
+    def _kernel_buffers(self) -> dict[str, Tensor]:
         return dict(zip(("weight", "scale", "zero"), int4_to_pairs(self.weight, self.scale, self.zero)))
 
     def _plain_buffers(self) -> dict[str, Tensor]:
@@ -344,7 +396,7 @@ class Int4Linear(_PairsLayout):
 
     def _stored(self, lo: int = 0, hi: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Rows ``lo:hi`` of weight, scale and zero in the ``[out, ...]`` layout, whatever the layout in memory."""
-        if not self.pairs:
+        if not self.arranged:
             return self.weight[lo:hi], self.scale[lo:hi], self.zero[lo:hi]
         g0, g1, rows = _pair_groups(lo, hi, self.out_features)
         q = native.ops("decode").int4_pairs_rows(self.weight, g0, g1)[rows]
@@ -380,8 +432,8 @@ class Int4Linear(_PairsLayout):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if self.pairs:
-            out = self._pairs_product(x, "linear_int4_pairs", self.scale, self.zero, self.group_size,
+        if self.arranged:
+            out = self._kernel_product(x, "linear_int4_pairs", self.scale, self.zero, self.group_size,
                                       self.out_features)
             if out is not None:
                 return out
@@ -396,7 +448,7 @@ class Int4Linear(_PairsLayout):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        layout = ", pairs layout" if self.pairs else ""
+        layout = ", pairs layout" if self.arranged else ""
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}{layout}"
 
 

@@ -64,8 +64,9 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     """Every native op (both weight layouts, int8 weights in both layouts) at shapes with and without vector-width
     tails; 1-4 rows run the streaming kernels, more the many-rows one (``linear``/``linear_int8`` only): full and
     partial 4 x 4 tiles, and output counts that are not a multiple of 4 (512 x 2999: each thread's share of
-    rows ends in a partial block). The pairs layout: partial blocks of 16-row
-    groups, passes of 8 activation rows and fewer, inputs in several chunks of 256 pairs (3072) or exactly one (512)."""
+    rows ends in a partial block). The pairs and panels layouts: partial blocks of 16-row groups, passes of 8
+    activation rows and fewer, inputs in several chunks (of 256 pairs, 3072; of 512 panels, 2001 and 3072) or
+    exactly one (512)."""
     g = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
     q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
@@ -75,7 +76,13 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     dequantized = q.double() * scale.double()[:, None]
     cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), x.double() @ dequantized.T)]
     if ops.int16_dot() and in_features % 2 == 0:          # Int8Linear's layout on such CPUs
-        cases.append((ops.linear_int8_pairs(x, quant.int8_to_pairs(q), scale), _int16(x).double() @ dequantized.T))
+        cases.append((ops.linear_int8_pairs(x, quant.to_panels(q, 2), scale), _int16(x).double() @ dequantized.T))
+    if ops.fp32_panels():                                 # an fp32 DenseLinear's layout on such CPUs
+        cases.append((ops.linear_panels(x, quant.to_panels(weight, 1), out_features), exact))
+    if ops.bf16_dot() and in_features % 2 == 0:           # a bf16 one's: bf16 pairs, the activations rounded
+        w16 = weight.bfloat16()
+        cases.append((ops.linear_panels(x, quant.to_panels(w16, 2), out_features),
+                      x.bfloat16().double() @ w16.double().T))
     if rows <= gemm.NATIVE_MAX_ROWS:
         cases.append((ops.matmul(x, weight.T.contiguous()), exact))
     for got, want in cases:
@@ -103,7 +110,7 @@ def test_int8_activations_are_quantized_per_row_to_int16(rows):
     x = torch.randn(rows, 300, generator=g) * torch.tensor([1.0, 1e-3, 50.0]).repeat(3)[:rows, None]
     x[1, 7] = 0.0
     q, scale = torch.eye(300, dtype=torch.int8), torch.ones(300, dtype=torch.bfloat16)
-    got = native.ops("decode").linear_int8_pairs(x.contiguous(), quant.int8_to_pairs(q), scale)   # x @ I: x as seen
+    got = native.ops("decode").linear_int8_pairs(x.contiguous(), quant.to_panels(q, 2), scale)   # x @ I: x as seen
     assert ((got - x).abs() / x.abs().amax(dim=1, keepdim=True)).max() <= 1 / 65534 + 1e-7
     torch.testing.assert_close(got, _int16(x), rtol=1e-6, atol=0)
 
@@ -124,12 +131,29 @@ def test_int4_on_the_native_kernel(rows, in_features, out_features, group):
     with torch.no_grad():
         got = q(x)
     if native.ops("decode").int16_dot():
-        assert q.pairs
+        assert q.arranged
         exact = _int16(x).double() @ q.dequantize().double().T
         assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
     else:
         exact = x.bfloat16().double() @ q.dequantize().bfloat16().double().T
         assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 5e-3
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [64, 100, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panels_take_any_row_count(rows, dtype):
+    """The panels kernel also serves prefill: many passes of 8 rows (the last partial) over each block of groups,
+    the next block fetched over all of them; inputs in 3 chunks (2 of 512 steps and a partial one)."""
+    ops = native.ops("decode")
+    if not (ops.fp32_panels() if dtype == torch.float32 else ops.bf16_dot()):
+        pytest.skip("no panels kernel for this dtype on this CPU")
+    g = torch.Generator().manual_seed(rows)
+    K = 1100 if dtype == torch.float32 else 2200          # 1100 steps either way
+    x, w = torch.randn(rows, K, generator=g), torch.randn(200, K, generator=g).to(dtype)
+    got = ops.linear_panels(x, quant.to_panels(w, 1 if dtype == torch.float32 else 2), 200)
+    want = x.to(dtype).double() @ w.double().T
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
 @needs_native
@@ -145,7 +169,9 @@ def test_non_finite_activations_give_non_finite_outputs(rows):
     w, q, scale = torch.randn(24, 40), torch.randint(-127, 128, (24, 40), dtype=torch.int8), torch.ones(24).bfloat16()
     outs = [ops.linear(x, w), ops.linear(x, w.bfloat16()), ops.linear_int8(x, q, scale)]
     if ops.int16_dot():
-        outs.append(ops.linear_int8_pairs(x, quant.int8_to_pairs(q), scale))
+        outs.append(ops.linear_int8_pairs(x, quant.to_panels(q, 2), scale))
+    if ops.fp32_panels():
+        outs.append(ops.linear_panels(x, quant.to_panels(w, 1), 24))
     for out in outs:
         assert out[0].isnan().all()
         if rows > 1:
@@ -162,7 +188,7 @@ def test_int8_pairs_sums_do_not_overflow(rows):
     if not ops.int16_dot():
         pytest.skip("no int16 dot products on this CPU: no pairs layout")
     x, q = torch.ones(rows, 3072), torch.full((20, 3072), 127, dtype=torch.int8)
-    out = ops.linear_int8_pairs(x, quant.int8_to_pairs(q), torch.ones(20).bfloat16())
+    out = ops.linear_int8_pairs(x, quant.to_panels(q, 2), torch.ones(20).bfloat16())
     assert torch.equal(out, torch.full((rows, 20), 127.0 * 3072))
 
 
@@ -178,13 +204,24 @@ def test_native_kernels_refuse_bad_operands():
     with pytest.raises(RuntimeError, match="fp32"):
         ops.matmul(torch.randn(1, 8).double(), torch.randn(8, 3))
     if ops.int16_dot():
-        pairs = quant.int8_to_pairs(torch.zeros(20, 64, dtype=torch.int8))
+        pairs = quant.to_panels(torch.zeros(20, 64, dtype=torch.int8), 2)
         with pytest.raises(RuntimeError, match="groups"):
             ops.linear_int8_pairs(torch.randn(1, 64), pairs, torch.ones(40).bfloat16())
         with pytest.raises(RuntimeError, match="columns"):
             ops.linear_int8_pairs(torch.randn(1, 66), pairs, torch.ones(20).bfloat16())
         with pytest.raises(RuntimeError, match="groups"):
             ops.int8_pairs_rows(pairs, 1, 3)                                # 2 groups of 16 rows
+    if ops.fp32_panels():
+        panels = quant.to_panels(torch.zeros(20, 64), 1)
+        with pytest.raises(RuntimeError, match="groups"):
+            ops.linear_panels(torch.randn(1, 64), panels, 40)
+        with pytest.raises(RuntimeError, match="columns"):
+            ops.linear_panels(torch.randn(1, 66), panels, 20)
+        with pytest.raises(RuntimeError, match="fp32"):
+            ops.linear_panels(torch.randn(1, 64), panels.double(), 20)
+        if ops.bf16_dot():
+            with pytest.raises(RuntimeError, match="K even"):                # bf16 steps are pairs of inputs
+                ops.linear_panels(torch.randn(1, 63), torch.zeros(2, 16 * 63).bfloat16(), 20)
 
 
 @pytest.mark.parametrize("rows", [1, 7])

@@ -66,12 +66,49 @@ def test_batched_decode_stays_close_to_fp32(model, fmt):
 
 
 def test_fp32_format_is_exact(model, tokens):
-    """The fp32 format only changes the memory layout of the weights."""
+    """The fp32 format only changes the memory layout of the weights (the panels layout where the native kernels
+    take it): the same weights, the same logits up to summation order, in a prefill and in a step."""
     q = converted(model, "fp32")
-    new, old = q.blocks[0].att.key.weight, model.blocks[0].att.key.weight
-    assert new.shape == old.shape and torch.equal(new, old)
+    new, old = q.blocks[0].att.key, model.blocks[0].att.key
+    assert new.arranged == quant._native_fp32_panels()
+    assert torch.equal(new.rows(), old.weight) and torch.equal(q.state_dict()["blocks.0.att.key.weight"], old.weight)
     with torch.no_grad():
         torch.testing.assert_close(q(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q(tokens[:, :1])[0], model(tokens[:, :1])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panels_layout_is_invisible_outside_the_kernels(dtype):
+    """A DenseLinear in the panels layout (fp32; bf16 in pairs): state_dict, rows(), load_state_dict and module
+    moves see the [out, in] weight; 1 to 100 rows and any activation dtype take the kernel, autograd the plain
+    weight."""
+    if not (quant._native_fp32_panels() if dtype == torch.float32 else quant._native_bf16_dot()):
+        pytest.skip("no panels kernel for this dtype on this CPU: the [out, in] layout stays")
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(40, 37, bias=False)                  # 37 outputs: the last group of 16 is padded
+    nn.init.normal_(lin.weight, generator=g)
+    q = quant.DenseLinear.from_linear(lin, dtype)
+    w = lin.weight.detach().to(dtype)
+    assert q.arranged and q.weight.shape == (3, 16 * 40) and torch.equal(q.rows(), w)
+    sd = q.state_dict()
+    assert torch.equal(sd["weight"], w)
+    other = quant.DenseLinear(40, 37, dtype)
+    other.load_state_dict(sd)
+    assert other.arranged and torch.equal(other.weight, q.weight)
+    q.to("cpu")
+    assert q.arranged and torch.equal(q.rows(), w)
+    for rows in (1, 3, 4, 5, 16, 100):
+        x = torch.randn(rows, 40, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(q(x), (x.to(dtype).double() @ w.double().T).float(), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 5, 40, generator=g, requires_grad=True)
+    q(x.to(dtype)).float().sum().backward()              # the plain weight, with autograd
+    torch.testing.assert_close(x.grad, w.float().sum(0).expand_as(x), rtol=1e-2, atol=1e-2)
+    half = x.detach()[0].bfloat16()                      # bf16 activations (a bf16 model's) take the kernel too
+    with torch.no_grad():
+        out = q(half)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (half.double() @ w.double().T).float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("cls,kw", [(quant.Int8Linear, {}), (quant.Int4Linear, {"group_size": 32})])
@@ -106,15 +143,15 @@ def test_int8_pairs_layout_is_invisible_outside_the_kernels():
     nn.init.normal_(lin.weight, generator=g)
     q = quant.Int8Linear.from_linear(lin)
     standard = (lin.weight.detach() / q.scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-    assert q.pairs and q.weight.shape == (3, 16 * 96)
+    assert q.arranged and q.weight.shape == (3, 16 * 96)
     assert torch.equal(q.rows(), standard) and torch.equal(q.rows(5, 30), standard[5:30])
     sd = q.state_dict()
     assert torch.equal(sd["weight"], standard)
     other = quant.Int8Linear(96, 37)
     other.load_state_dict(sd)
-    assert other.pairs and torch.equal(other.weight, q.weight)
+    assert other.arranged and torch.equal(other.weight, q.weight)
     q.to("cpu")                                          # a module move: back to [out, in] and arranged again
-    assert q.pairs and torch.equal(q.rows(), standard)
+    assert q.arranged and torch.equal(q.rows(), standard)
     x = torch.randn(5, 96, generator=g)
     want = x.double() @ q.dequantize().double().T
     with torch.no_grad():
@@ -134,15 +171,15 @@ def test_int4_pairs_layout_is_invisible_outside_the_kernels():
     q = quant.Int4Linear.from_linear(lin, 32)
     plain = copy.deepcopy(q)
     plain._standard()
-    assert q.pairs and not plain.pairs and plain.weight.shape == (37, 64) and plain.scale.shape == (37, 4)
+    assert q.arranged and not plain.arranged and plain.weight.shape == (37, 64) and plain.scale.shape == (37, 4)
     sd = q.state_dict()
     assert sd.keys() == plain.state_dict().keys()
     assert all(torch.equal(sd[k], t) for k, t in plain.state_dict().items())
     other = quant.Int4Linear(128, 37, 32)
     other.load_state_dict(sd)
-    assert other.pairs and all(torch.equal(getattr(other, k), getattr(q, k)) for k in ("weight", "scale", "zero"))
+    assert other.arranged and all(torch.equal(getattr(other, k), getattr(q, k)) for k in ("weight", "scale", "zero"))
     q.to("cpu")
-    assert q.pairs and torch.equal(q.dequantize(), plain.dequantize())
+    assert q.arranged and torch.equal(q.dequantize(), plain.dequantize())
     x = torch.randn(3, 128, generator=g)
     with torch.no_grad():
         assert q(x.bfloat16()).dtype == torch.bfloat16

@@ -82,10 +82,11 @@ def _official_prefill(ref, prompt: list[int]):
     return lambda: len(prompt) / timed(lambda: ref.forward(prompt, None))
 
 
-def _check(models: dict, vocab: int) -> None:
+def _check(base: torch.nn.Module, models: dict, vocab: int) -> None:
+    """Refuse to time a format whose logits stray from the fp32 model's (``SANITY``)."""
     tokens = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ref, _ = models["fp32"](tokens)
+        ref, _ = base(tokens)
         for fmt, m in models.items():
             out, _ = m(tokens)
             err = ((out.float() - ref).norm() / (ref - ref.mean()).norm()).item()
@@ -99,9 +100,10 @@ def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 
     """All three tables for one checkpoint size; returns the numbers."""
     path = checkpoint(size, cache_dir)
     base = load(path)
-    # fp32 is the model as loaded (what `goose generate` runs without --quant); the others are converted copies
-    models = {"fp32": base, **{fmt: converted(base, fmt) for fmt in formats if fmt != "fp32"}}
-    _check(models, base.config.vocab_size)
+    # every format a converted copy of the model as loaded, as `goose generate` runs it (fp32: the weights in the
+    # native kernels' panels layout); `base` (nn.Linear) gives the reference logits
+    models = {fmt: converted(base, fmt) for fmt in formats}
+    _check(base, models, base.config.vocab_size)
     goose = {f"goose {fmt}": m for fmt, m in models.items()}
     refs = {}
     if with_official:
