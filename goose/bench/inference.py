@@ -29,12 +29,14 @@ from goose.checkpoint import load
 from goose.quant import weight_bytes_per_token
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
-# a format must agree with fp32 logits to this relative RMS error on a short prompt to be timed: a guard
-# against a broken kernel (unrelated logits give ~1.41, NaN fails too). Random checkpoints are chaotic and
+# a format must agree with the fp32 model's logits to this relative RMS error on a short prompt to be timed: a
+# guard against a broken kernel (unrelated logits give ~1.41, NaN fails too). Random checkpoints are chaotic and
 # amplify rounding through the layers (measured: L12-D768 bf16 0.09, int8 0.3, int4 0.7; L24-D1024 fp16 0.44,
-# bf16 0.60, int8 0.74, int4 1.07), so only that is checked here; kernels are tested against the dequantized
-# matmul in tests/test_quant.py and quality is measured by `goose bench quant`.
-SANITY = {"fp32": 1e-4, "fp16": 1.25, "bf16": 1.25, "int8": 1.25, "int4": 1.25}
+# bf16 0.60, int8 0.74, int4 1.07; even fp32's panels layout, which only sums in another order, 0.048 on
+# L24-D1024, where against an fp64 run of the model it is 0.012 off and nn.Linear's fp32 0.054), so only that is
+# checked here; kernels are tested against fp64 and the dequantized matmul in tests/test_gemm.py and
+# tests/test_quant.py, and quality is measured by `goose bench quant`.
+SANITY = {"fp32": 0.25, "fp16": 1.25, "bf16": 1.25, "int8": 1.25, "int4": 1.25}
 
 
 # Every timed decode run starts with one untimed step: the contender before it in a race leaves the caches full

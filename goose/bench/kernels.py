@@ -3,11 +3,12 @@
 The weights of one L12-D768-V65536 model (12 blocks of r/k/v/o, ffn key/value, plus the head: 135M weights,
 too big for any cache) are multiplied by ``rows`` activation rows, as a decode step of that many sequences
 (or a prefill chunk) does. Reported: billions of weights per second (G w/s; for fp32, 4 GB/s each), median
-of repeats. This is the table gemm.py's and quant.py's kernel choices were made from: goose's native
-kernels (matrix-vector ones up to 4 rows, the many-rows one above) up to ``NATIVE_LINEAR_MAX_ROWS`` rows for
-fp32 and bf16 weights and up to ``NATIVE_QUANT_MAX_ROWS`` for int8 and int4 (their pairs layouts, on CPUs with
-AVX512-VNNI; torch's packed kernels elsewhere), the dequantize + bf16 GEMM fallback above; the "raw" rows are
-torch's kernels alone, for comparison.
+of repeats. This is the table gemm.py's and quant.py's kernel choices were made from: fp32 and bf16 weights
+in the panels layout (``DenseLinear`` on AVX-512 CPUs; one kernel at every row count) and in ``nn.Linear``'s
+``[out, in]`` one (``goose.ops.linear``: goose's matrix-vector kernels up to 4 rows, the many-rows one up to
+``NATIVE_LINEAR_MAX_ROWS``, oneDNN above); int8 and int4 on goose's kernels up to ``NATIVE_QUANT_MAX_ROWS``
+(their pairs layouts, on CPUs with AVX512-VNNI; torch's packed kernels elsewhere), the dequantize + bf16 GEMM
+fallback above; the "raw" rows are torch's kernels alone, for comparison.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from goose.bench.common import print_table, timed
+from goose.ops import linear
 from goose.quant import DenseLinear, Int4Linear, Int8Linear
 
 
@@ -33,6 +35,17 @@ def _layers(C: int = 768, L: int = 12, V: int = 65536) -> list[nn.Linear]:
     return layers
 
 
+class _OutIn(nn.Module):
+    """An fp32 ``[out, in]`` weight multiplied as the model's own ``nn.Linear`` layers are (``goose.ops.linear``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight, self.in_features = weight.detach(), weight.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 def _int4_args(m: Int4Linear) -> tuple:
     packed, scales_zeros = m._cpu_kernel_args()
     return packed, m.group_size, scales_zeros
@@ -43,8 +56,9 @@ def run(rows=(1, 4, 16, 64, 1024), repeats: int = 5) -> dict:
     n = sum(lin.weight.numel() for lin in layers)
     variants = {
         "fp32 torch F.linear (MKL)": layers,
-        "fp32 goose (native <= 16 rows, oneDNN above)": [DenseLinear.from_linear(m, torch.float32) for m in layers],
-        "bf16 weights": [DenseLinear.from_linear(m, torch.bfloat16) for m in layers],
+        "fp32 [out, in] (goose.ops.linear)": [_OutIn(m.weight) for m in layers],
+        "fp32 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.float32) for m in layers],
+        "bf16 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.bfloat16) for m in layers],
         "fp16 weights": [DenseLinear.from_linear(m, torch.float16) for m in layers],
         "int8 (native <= 64 rows, then fallback)": [Int8Linear.from_linear(m) for m in layers],
         "int4 (group 64; native <= 64 rows, then fallback)": [Int4Linear.from_linear(m) for m in layers],
