@@ -97,7 +97,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 class _KernelLayout(nn.Module):
     """A module whose buffers live in memory in a native kernel's own layout where that kernel takes them
-    (``arranged`` True: fp32 panels, int8 and int4 pairs) and in their plain layout everywhere else: in
+    (``arranged`` True: fp32 and bf16 panels, int8 and int4 pairs) and in their plain layout everywhere else: in
     ``state_dict()`` (so files keep the plain layout), while loading one, and while being moved (``.to()``;
     arranged again on CPU afterwards)."""
 
