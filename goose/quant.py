@@ -6,14 +6,14 @@ key/value, head) for modules that compute the same ``x @ W.T`` from a compact we
 model.py is not touched: the math has one copy, and a quantized model is still an ``RWKV7``.
 
 - ``fp32``/``bf16``/``fp16``: the weight in that dtype; activations are cast to it and back (so an fp32
-  model can read bf16 weights). On a CPU with AVX-512 an fp32 weight lives in the native kernels' "panels"
-  layout (``to_panels``: 16 output rows' values of each input side by side), and so does a bf16 one where the
-  CPU has bf16 dot products (inputs in pairs, multiplied in bf16 with the activations rounded to bf16): one
-  kernel, ``linear_panels``, then serves every row count without autograd, decoding, batched decoding and
-  prefill (measured on L12-D768's matrices against the ``[out, in]`` kernels: fp32 at 16 rows 0.76-0.84x the
-  time, bf16 0.74x; one row 0.96x and 0.81x; 1024 rows as fast as oneDNN's GEMM). Elsewhere fp32 products run
-  on ``goose.ops.matmul``'s CPU kernels, like the plain model's, and bf16 ones on the ``[out, in]`` native
-  kernels (decoding) or torch.
+  model can read bf16 weights). On a CPU with AVX-512 an fp32 or fp16 weight lives in the native kernels'
+  "panels" layout (``to_panels``: 16 output rows' values of each input side by side; fp16 widened to fp32 as it
+  is loaded), and so does a bf16 one where the CPU has bf16 dot products (inputs in pairs, multiplied in bf16
+  with the activations rounded to bf16): one kernel, ``linear_panels``, then serves every row count without
+  autograd, decoding, batched decoding and prefill (measured on L12-D768's matrices against the ``[out, in]``
+  kernels: fp32 at 16 rows 0.76-0.84x the time, bf16 0.74x; one row 0.96x and 0.81x; 1024 rows as fast as
+  oneDNN's GEMM). Elsewhere fp32 products run on ``goose.ops.matmul``'s CPU kernels, like the plain model's,
+  bf16 ones on the ``[out, in]`` native kernels (decoding) or torch, fp16 ones widened block by block.
 - ``int8``: symmetric, one scale per output channel (``w = q * scale``, ``q`` in [-127, 127]).
 - ``int4``: asymmetric, one (scale, zero) pair per group of ``group_size`` input channels
   (``w = (q - 8) * scale + zero``, ``q`` in [0, 15], the range of each group mapped onto the 16 levels):
@@ -97,7 +97,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 class _KernelLayout(nn.Module):
     """A module whose buffers live in memory in a native kernel's own layout where that kernel takes them
-    (``arranged`` True: fp32 and bf16 panels, int8 and int4 pairs) and in their plain layout everywhere else: in
+    (``arranged`` True: fp32, fp16 and bf16 panels, int8 and int4 pairs) and in their plain layout everywhere else: in
     ``state_dict()`` (so files keep the plain layout), while loading one, and while being moved (``.to()``;
     arranged again on CPU afterwards)."""
 
@@ -164,8 +164,8 @@ class _KernelLayout(nn.Module):
 class DenseLinear(_KernelLayout):
     """``x @ W.T`` with W in ``dtype``, whatever the activation dtype.
 
-    An fp32 weight, or a bf16 one with an even number of inputs, on a CPU whose native kernels take it lives in
-    their panels layout (``to_panels``; ``arranged`` is then True) and every product without autograd runs on
+    An fp32 or fp16 weight, or a bf16 one with an even number of inputs, on a CPU whose native kernels take it
+    lives in their panels layout (``to_panels``; ``arranged`` is then True) and every product without autograd runs on
     ``linear_panels``; ``state_dict()`` and files hold ``[out, in]``, and ``rows()`` gives it.
     """
 
@@ -186,10 +186,14 @@ class DenseLinear(_KernelLayout):
             return False
         if self.weight.dtype == torch.bfloat16:
             return self.in_features % 2 == 0 and _native_bf16_dot()
-        return self.weight.dtype == torch.float32 and _native_fp32_panels()
+        return _native_fp32_panels()          # fp32, and fp16 widened to fp32 as it is loaded
+
+    def _inputs(self) -> int:
+        """Inputs per lane of a step of the panels layout: pairs for bf16 (multiplied in pairs), else 1."""
+        return 2 if self.weight.dtype == torch.bfloat16 else 1
 
     def _kernel_buffers(self) -> dict[str, Tensor]:
-        return {"weight": to_panels(self.weight, 1 if self.weight.dtype == torch.float32 else 2)}
+        return {"weight": to_panels(self.weight, self._inputs())}
 
     def _plain_buffers(self) -> dict[str, Tensor]:
         return {"weight": self.rows()}
@@ -198,7 +202,7 @@ class DenseLinear(_KernelLayout):
         """The weight as ``[out, in]``, whatever the layout in memory (a copy when arranged in panels)."""
         if not self.arranged:
             return self.weight
-        inputs = 1 if self.weight.dtype == torch.float32 else 2
+        inputs = self._inputs()
         steps = self.weight.view(-1, self.in_features // inputs, PAIR_GROUP, inputs).transpose(1, 2)
         return steps.reshape(-1, self.in_features)[:self.out_features]
 

@@ -77,8 +77,10 @@ def test_native_kernels_against_fp64(rows, in_features, out_features):
     cases = [(ops.linear(x, weight), exact), (ops.linear_int8(x, q, scale), x.double() @ dequantized.T)]
     if ops.int16_dot() and in_features % 2 == 0:          # Int8Linear's layout on such CPUs
         cases.append((ops.linear_int8_pairs(x, quant.to_panels(q, 2), scale), _int16(x).double() @ dequantized.T))
-    if ops.fp32_panels():                                 # an fp32 DenseLinear's layout on such CPUs
+    if ops.fp32_panels():                                 # an fp32 or fp16 DenseLinear's layout on such CPUs
         cases.append((ops.linear_panels(x, quant.to_panels(weight, 1), out_features), exact))
+        w16 = weight.half()
+        cases.append((ops.linear_panels(x, quant.to_panels(w16, 1), out_features), x.double() @ w16.double().T))
     if ops.bf16_dot() and in_features % 2 == 0:           # a bf16 one's: bf16 pairs, the activations rounded
         w16 = weight.bfloat16()
         cases.append((ops.linear_panels(x, quant.to_panels(w16, 2), out_features),
@@ -141,18 +143,19 @@ def test_int4_on_the_native_kernel(rows, in_features, out_features, group):
 
 @needs_native
 @pytest.mark.parametrize("rows", [64, 100, 1024])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_panels_take_any_row_count(rows, dtype):
     """The panels kernel also serves prefill: many passes of 8 rows (the last partial) over each block of groups,
     the next block fetched over all of them; inputs in 3 chunks (2 of 512 steps and a partial one)."""
     ops = native.ops("decode")
-    if not (ops.fp32_panels() if dtype == torch.float32 else ops.bf16_dot()):
+    bf16 = dtype == torch.bfloat16
+    if not (ops.bf16_dot() if bf16 else ops.fp32_panels()):
         pytest.skip("no panels kernel for this dtype on this CPU")
     g = torch.Generator().manual_seed(rows)
-    K = 1100 if dtype == torch.float32 else 2200          # 1100 steps either way
+    K = 2200 if bf16 else 1100                            # 1100 steps either way (bf16 steps are pairs)
     x, w = torch.randn(rows, K, generator=g), torch.randn(200, K, generator=g).to(dtype)
-    got = ops.linear_panels(x, quant.to_panels(w, 1 if dtype == torch.float32 else 2), 200)
-    want = x.to(dtype).double() @ w.double().T
+    got = ops.linear_panels(x, quant.to_panels(w, 2 if bf16 else 1), 200)
+    want = (x.bfloat16() if bf16 else x).double() @ w.double().T     # bf16: the activations rounded too
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
 
 

@@ -77,12 +77,12 @@ def test_fp32_format_is_exact(model, tokens):
         torch.testing.assert_close(q(tokens[:, :1])[0], model(tokens[:, :1])[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_panels_layout_is_invisible_outside_the_kernels(dtype):
-    """A DenseLinear in the panels layout (fp32; bf16 in pairs): state_dict, rows(), load_state_dict and module
+    """A DenseLinear in the panels layout (fp32, fp16; bf16 in pairs): state_dict, rows(), load_state_dict and module
     moves see the [out, in] weight; 1 to 100 rows and any activation dtype take the kernel, autograd the plain
     weight."""
-    if not (quant._native_fp32_panels() if dtype == torch.float32 else quant._native_bf16_dot()):
+    if not (quant._native_bf16_dot() if dtype == torch.bfloat16 else quant._native_fp32_panels()):
         pytest.skip("no panels kernel for this dtype on this CPU: the [out, in] layout stays")
     g = torch.Generator().manual_seed(5)
     lin = nn.Linear(40, 37, bias=False)                  # 37 outputs: the last group of 16 is padded
@@ -100,7 +100,8 @@ def test_panels_layout_is_invisible_outside_the_kernels(dtype):
     for rows in (1, 3, 4, 5, 16, 100):
         x = torch.randn(rows, 40, generator=g)
         with torch.no_grad():
-            torch.testing.assert_close(q(x), (x.to(dtype).double() @ w.double().T).float(), rtol=1e-5, atol=1e-5)
+            seen = x.bfloat16() if dtype == torch.bfloat16 else x      # bf16 pairs round the activations
+            torch.testing.assert_close(q(x), (seen.double() @ w.double().T).float(), rtol=1e-5, atol=1e-5)
     x = torch.randn(2, 5, 40, generator=g, requires_grad=True)
     q(x.to(dtype)).float().sum().backward()              # the plain weight, with autograd
     torch.testing.assert_close(x.grad, w.float().sum(0).expand_as(x), rtol=1e-2, atol=1e-2)

@@ -4,7 +4,7 @@ The weights of one L12-D768-V65536 model (12 blocks of r/k/v/o, ffn key/value, p
 too big for any cache) are multiplied by ``rows`` activation rows, as a decode step of that many sequences
 (or a prefill chunk) does. Reported: billions of weights per second (G w/s; for fp32, 4 GB/s each), median
 of repeats. This is the table gemm.py's and quant.py's kernel choices were made from: fp32 and bf16 weights
-in the panels layout (``DenseLinear`` on AVX-512 CPUs; one kernel at every row count) and in ``nn.Linear``'s
+(and fp16) in the panels layout (``DenseLinear`` on AVX-512 CPUs; one kernel at every row count) and in ``nn.Linear``'s
 ``[out, in]`` one (``goose.ops.linear``: goose's matrix-vector kernels up to 4 rows, the many-rows one up to
 ``NATIVE_LINEAR_MAX_ROWS``, oneDNN above); int8 and int4 on goose's kernels up to ``NATIVE_QUANT_MAX_ROWS``
 (their pairs layouts, on CPUs with AVX512-VNNI; torch's packed kernels elsewhere), the dequantize + bf16 GEMM
@@ -59,12 +59,12 @@ def run(rows=(1, 4, 16, 64, 1024), repeats: int = 5) -> dict:
         "fp32 [out, in] (goose.ops.linear)": [_OutIn(m.weight) for m in layers],
         "fp32 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.float32) for m in layers],
         "bf16 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.bfloat16) for m in layers],
-        "fp16 weights": [DenseLinear.from_linear(m, torch.float16) for m in layers],
+        "fp16 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.float16) for m in layers],
         "int8 (native <= 64 rows, then fallback)": [Int8Linear.from_linear(m) for m in layers],
         "int4 (group 64; native <= 64 rows, then fallback)": [Int4Linear.from_linear(m) for m in layers],
     }
     raw = {  # torch's kernels called directly at every row count, bypassing goose's choice of path
-        "fp16 F.linear, raw": (variants["fp16 weights"], lambda x, m: F.linear(x.half(), m.weight)),
+        "fp16 F.linear, raw": ([_OutIn(m.weight.half()) for m in layers], lambda x, m: F.linear(x.half(), m.weight)),
         "_weight_int8pack_mm, raw": (variants["int8 (native <= 64 rows, then fallback)"],
                                      lambda x, m: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), m.rows(), m.scale)),
         "_weight_int4pack_mm_for_cpu, raw": (variants["int4 (group 64; native <= 64 rows, then fallback)"],

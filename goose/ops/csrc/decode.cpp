@@ -14,7 +14,7 @@
 //                                                  pairs layout (AVX512-VNNI)
 //   linear_int4_pairs(x, q [ceil(N / 16), 8 K] uint8, scale, zero [ceil(N / 16), K / group, 16] bf16, group, N)
 //                                             = x @ W.T for an int4 weight in its pairs layout (AVX512-VNNI)
-//   linear_panels(x [M, K], panels [ceil(N / 16), 16 K] fp32 or bf16, N) = x @ W.T, the weight in the panels
+//   linear_panels(x [M, K], panels [ceil(N / 16), 16 K] fp32, fp16 or bf16, N) = x @ W.T, the weight in the panels
 //                                                  layout (AVX-512; bf16: AVX512-BF16), any number of rows
 //
 // M is at most MAX_ROWS, except that `linear`, `linear_int8` and the pairs kernels take up to MAX_TILE_ROWS
@@ -84,7 +84,7 @@ constexpr int64_t GRAIN_BYTES = 128 << 10;      // smallest share of the weight 
 
 __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
-// One step's operands. With a 16-lane mask: 16 values as fp32 (fp32 arithmetic; bf16 and int8 weights
+// One step's operands. With a 16-lane mask: 16 values as fp32 (fp32 arithmetic; bf16, fp16 and int8 weights
 // widened). With a 32-lane mask: 32 bf16 values as they are, for the pair products below. Masked lanes read
 // nothing and are zero.
 inline __m512 load_operand(const float* p, __mmask16 mask) {
@@ -98,6 +98,11 @@ inline __m512 load_operand(const at::BFloat16* p, __mmask16 mask) {   // bf16 is
     const __m256i h = mask == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                                      : _mm256_maskz_loadu_epi16(mask, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load_operand(const at::Half* p, __mmask16 mask) {
+    const __m256i h = mask == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                     : _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_cvtph_ps(h);
 }
 inline __m512i load_operand(const at::BFloat16* p, __mmask32 mask) {
     return mask == ~__mmask32(0) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p);
@@ -913,10 +918,10 @@ at::Tensor int8_pairs_rows(const at::Tensor& q, int64_t g0, int64_t g1) {
 #endif
 
 #ifdef GOOSE_AVX512
-// fp32 and bf16 weights in a "panels" layout (goose/quant.py DenseLinear on AVX-512 CPUs): G = ceil(N / 16)
+// fp32, fp16 and bf16 weights in a "panels" layout (goose/quant.py DenseLinear on AVX-512 CPUs): G = ceil(N / 16)
 // groups of 16 output rows (zero rows pad the last), in each the 16 rows' values of one step's inputs side by
-// side: [G, K, 16] fp32 (one input a step), [G, K / 2, 16, 2] bf16 (a pair of inputs a step, multiplied in bf16
-// pairs: vdpbf16ps). One vector load is a step of 16 outputs; one FMA (or pair product) with a row's broadcast
+// side: [G, K, 16] fp32 or fp16 (one input a step; fp16 widened to fp32 as loaded), [G, K / 2, 16, 2] bf16 (a
+// pair of inputs a step, multiplied in bf16 pairs: vdpbf16ps). One vector load is a step of 16 outputs; one FMA (or pair product) with a row's broadcast
 // activations adds it to those 16 outputs' sums. No sums across lanes at the end, and at many rows each loaded
 // vector serves 8 activation rows from registers (the [N, K] many-rows kernel loads an activation vector per 4
 // products and sums every dot product across lanes). Measured on L12-D768's fp32 weights, whole decode steps in
@@ -949,8 +954,8 @@ struct PanelFetch {
 
 // acc[m][v] += x[m, step k] . W[group v, step k] for steps k in [k0, k1) (x rows ldx elements apart; w the
 // first of V consecutive groups, S steps of 16 lanes each).
-template <int M, int V, typename X>
-__attribute__((always_inline)) inline void panel_products(const X* x, int64_t ldx, const X* w, int64_t S,
+template <int M, int V, typename X, typename W>
+__attribute__((always_inline)) inline void panel_products(const X* x, int64_t ldx, const W* w, int64_t S,
                                                           int64_t k0, int64_t k1, __m512 (&acc)[M][V],
                                                           PanelFetch& fetch) {
     constexpr int64_t IN = panel_inputs<X>();
@@ -979,8 +984,8 @@ __attribute__((always_inline)) inline void panel_products(const X* x, int64_t ld
 }
 
 // y[m, 16 (g + v) + o] (+)= the products of steps [k0, k1) for m < M, v < V, outputs below N.
-template <int M, int V, typename X>
-void panel_tile(const X* x, int64_t ldx, const X* w, int64_t S, int64_t g, int64_t k0, int64_t k1, float* y,
+template <int M, int V, typename X, typename W>
+void panel_tile(const X* x, int64_t ldx, const W* w, int64_t S, int64_t g, int64_t k0, int64_t k1, float* y,
                 int64_t N, bool add, PanelFetch& fetch) {
     __m512 acc[M][V];
 #pragma GCC unroll 8
@@ -1001,17 +1006,19 @@ void panel_tile(const X* x, int64_t ldx, const X* w, int64_t S, int64_t g, int64
     }
 }
 
-// y [M, N] = x [M, K] @ W.T, W [G, 16 K] in the panels layout of X; any number of rows. Up to MAX_ROWS rows,
+// y [M, N] = x [M, K] @ W.T, W [G, 16 K] in the panels layout (steps of X's inputs a lane); any number of rows.
+// X is the arithmetic's type (see madd), W the stored one (fp16 is widened to fp32 as it is loaded). Up to MAX_ROWS rows,
 // blocks of 4 groups stream once for all rows; more rows pass over a block of 3 groups 8 at a time (in chunks
 // of PANEL_K_CHUNK steps if K is long), the passes together fetching the next block in software.
-template <typename X>
-void panel_product(const X* xp, int64_t M, const X* w, int64_t K, int64_t N, float* yp) {
+template <typename X, typename W>
+void panel_product(const X* xp, int64_t M, const W* w, int64_t K, int64_t N, float* yp) {
     const int64_t S = K / panel_inputs<X>(), G = (N + PAIR_GROUP - 1) / PAIR_GROUP;
     const bool few = M <= MAX_ROWS;
     const int64_t V = few ? PANEL_STREAM_BLOCK : PANEL_BLOCK;
     const int64_t chunk = !few && S > 2 * PANEL_K_CHUNK ? PANEL_K_CHUNK : S;
     const int64_t passes = (M + PANEL_ROWS - 1) / PANEL_ROWS * ((S + chunk - 1) / chunk);
-    const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (V * S * 64));   // a step of a group: 64 bytes
+    const int64_t step_bytes = PAIR_GROUP * panel_inputs<X>() * int64_t(sizeof(W));   // a step of a group
+    const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (V * S * step_bytes));
     at::parallel_for(0, (G + V - 1) / V, grain, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
             const int64_t g = b * V;
@@ -1030,7 +1037,7 @@ void panel_product(const X* xp, int64_t M, const X* w, int64_t K, int64_t N, flo
             PanelFetch fetch;
             if (b + 1 < b1 && g + 2 * V <= G) {
                 fetch.next = reinterpret_cast<const char*>(w + (g + V) * S * PAIR_GROUP * panel_inputs<X>());
-                fetch.end = V * S;                // lines of 64 bytes: a step of a group
+                fetch.end = V * S * step_bytes / 64;    // cache lines
                 fetch.per_step = static_cast<int>((fetch.end + passes * chunk - 1) / (passes * chunk));
             }
             for (int64_t k0 = 0; k0 < S; k0 += chunk) {
@@ -1051,19 +1058,19 @@ void panel_product(const X* xp, int64_t M, const X* w, int64_t K, int64_t N, flo
     });
 }
 
-// x [M, K] fp32 @ W.T for an fp32 or (with AVX512-BF16; K even) bf16 weight in the panels layout, N outputs.
-// bf16: the activations rounded to bf16, as in `linear`.
+// x [M, K] fp32 @ W.T for an fp32, fp16 or (with AVX512-BF16; K even) bf16 weight in the panels layout, N
+// outputs. bf16: the activations rounded to bf16, as in `linear`; fp16: the weights widened, fp32 arithmetic.
 at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t N) {
-    const bool bf16 = panels.scalar_type() == at::kBFloat16;
+    const bool bf16 = panels.scalar_type() == at::kBFloat16, fp16 = panels.scalar_type() == at::kHalf;
 #ifdef GOOSE_BF16_DOT
-    const bool supported = bf16 || panels.scalar_type() == at::kFloat;
+    const bool supported = bf16 || fp16 || panels.scalar_type() == at::kFloat;
 #else
-    const bool supported = panels.scalar_type() == at::kFloat;
+    const bool supported = fp16 || panels.scalar_type() == at::kFloat;
 #endif
     TORCH_CHECK(supported && panels.is_contiguous() && panels.dim() == 2 &&
                 panels.size(1) % (PAIR_GROUP * (bf16 ? 2 : 1)) == 0 &&
                 panels.size(0) == (N + PAIR_GROUP - 1) / PAIR_GROUP,
-                "goose linear_panels: panels must be a contiguous fp32 (or, with bf16 dot products, bf16) "
+                "goose linear_panels: panels must be a contiguous fp32 or fp16 (or, with bf16 dot products, bf16) "
                 "[ceil(N / 16) groups, 16 K] matrix, N = ", N, ", K even for bf16");
     const int64_t K = panels.size(1) / PAIR_GROUP;
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
@@ -1074,6 +1081,8 @@ at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t 
         const auto xb = x.to(at::kBFloat16);
         panel_product(xb.data_ptr<at::BFloat16>(), x.size(0), panels.data_ptr<at::BFloat16>(), K, N, y.data_ptr<float>());
 #endif
+    } else if (fp16) {
+        panel_product(x.data_ptr<float>(), x.size(0), panels.data_ptr<at::Half>(), K, N, y.data_ptr<float>());
     } else {
         panel_product(x.data_ptr<float>(), x.size(0), panels.data_ptr<float>(), K, N, y.data_ptr<float>());
     }
