@@ -11,7 +11,7 @@ repeats. Tables:
    within a minute;
 2. prefill: tok/s for prompts of T tokens (goose in chunks of ``prefill_chunk``, the official package
    as one ``forward(list, None)``), ratios to the official package;
-3. batched decode: aggregate tok/s of goose at several batch sizes (one ``[B, 1]`` step per token); the
+3. batched decode: aggregate tok/s of goose in each format at several batch sizes (one ``[B, 1]`` step per token); the
    B=16 / B=1 target is paired the same way.
 
 Every goose format is checked against the fp32 model's logits before it is timed.
@@ -97,7 +97,7 @@ def _check(base: torch.nn.Module, models: dict, vocab: int) -> None:
 
 
 def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 16, prefill=(1024, 8192),
-             prefill_repeats: int = 3, batches=(1, 4, 16, 64), batch_formats=("fp32", "bf16", "int8", "int4"),
+             prefill_repeats: int = 3, batches=(1, 4, 16, 64),
              prefill_chunk: int = 1024, with_official: bool = True, cache_dir: Path = DEFAULT_CACHE) -> dict:
     """All three tables for one checkpoint size; returns the numbers."""
     path = checkpoint(size, cache_dir)
@@ -160,10 +160,8 @@ def run_size(size: str, formats=FORMATS, repeats: int = 5, decode_tokens: int = 
         print_table(f"{size}: prefill (tok/s, median of {prefill_repeats}; goose in chunks of {prefill_chunk})",
                     [""] + [h for T in prefill for h in [f"T={T}"] + [f"vs {o[9:]}" for o in refs]], rows)
 
-    # 3. batched decode
-    for fmt in batch_formats:
-        if fmt not in models:
-            continue
+    # 3. batched decode, every format
+    for fmt in models:
         contenders = {B: _goose_decode(models[fmt], B, decode_tokens) for B in batches}
         rounds = res["rounds"]["batch"][fmt] = {}
         res["batch"][fmt] = race(contenders, repeats, f"{size} {fmt} batches", rounds)
