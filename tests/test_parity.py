@@ -3,13 +3,18 @@
 Random checkpoints in the official layout, several shapes and storage dtypes. Tolerance for fp32:
 max |Δlogit| <= 1e-4 * std(reference logits), at every position of a 300-token prompt and for 20
 tokens decoded on from the returned state, for every WKV mode and on each of goose.ops.matmul's fp32 kernel
-paths (the fast CPU libraries for every product, and plain torch, the fallback).
+paths (the fast CPU libraries for every product, and plain torch, the fallback) and in the inference format
+(fp32 weights in the native kernels' panels layout).
 """
+import copy
+
 import pytest
 import torch
 
 from goose.checkpoint import load
 from goose.ops import gemm
+from goose import quant
+from goose.quant import quantize
 from goose.state import State
 
 TOL = 1e-4
@@ -45,10 +50,12 @@ def max_err(x, ref):
     return ((x.float() - ref.float()).abs().max() / ref.float().std()).item()
 
 
-@pytest.fixture(params=["fast_kernels", "plain_torch"])
+@pytest.fixture(params=["fast_kernels", "plain_torch", "panels"])
 def matmul_path(request, monkeypatch):
     """Route every fp32 product through goose's native kernels (up to 4 rows) / oneDNN (more rows), whatever
-    its size (these models are below oneDNN's size threshold), or through torch's default kernels."""
+    its size (these models are below oneDNN's size threshold), or through torch's default kernels; or convert
+    the big matrices to the inference format (``quantize(model, "fp32")``: the panels kernel at every row count
+    on AVX-512 CPUs), as ``goose generate`` runs them."""
     if request.param == "plain_torch":
         monkeypatch.setattr(gemm, "_ENABLED", False)
     else:
@@ -59,6 +66,9 @@ def matmul_path(request, monkeypatch):
 @pytest.mark.parametrize("mode", ["chunked", "scan"])
 def test_prompt_and_decode_match_official(pair, mode, matmul_path):
     ref, model, _ = pair
+    if matmul_path == "panels":
+        model = quantize(copy.deepcopy(model), "fp32")
+        assert model.head.arranged == quant._native_fp32_panels()     # the kernel runs wherever it exists
     with torch.no_grad():
         logits, state = model(torch.tensor([ref["prompt"]]), mode=mode)
         assert max_err(logits[0], ref["prompt_logits"]) <= TOL
