@@ -19,8 +19,8 @@
 //
 // M is at most MAX_ROWS, except that `linear`, `linear_int8` and the pairs kernels take up to MAX_TILE_ROWS
 // (batched decoding) and `linear_panels` any number: beyond MAX_ROWS the arithmetic outweighs the weight traffic
-// and they switch to register-tiled kernels (linear_many_rows; the pairs and panels layouts' own). AVX-512 code where the compiler targets
-// it (-march=native), portable loops (auto-vectorised) elsewhere.
+// and they switch to register-tiled kernels (linear_many_rows; the pairs and panels layouts' own). AVX-512 code
+// where the compiler targets it (-march=native), portable loops (auto-vectorised) elsewhere.
 //
 // The small operations of an RWKV-7 step, fused (each is a few dozen tiny torch ops otherwise):
 //   token_mix(x, shift, coefs, ...) = [x + (shift - x) * c for c in coefs]      (the token-shift lerps,
@@ -921,18 +921,18 @@ at::Tensor int8_pairs_rows(const at::Tensor& q, int64_t g0, int64_t g1) {
 // fp32, fp16 and bf16 weights in a "panels" layout (goose/quant.py DenseLinear on AVX-512 CPUs): G = ceil(N / 16)
 // groups of 16 output rows (zero rows pad the last), in each the 16 rows' values of one step's inputs side by
 // side: [G, K, 16] fp32 or fp16 (one input a step; fp16 widened to fp32 as loaded), [G, K / 2, 16, 2] bf16 (a
-// pair of inputs a step, multiplied in bf16 pairs: vdpbf16ps). One vector load is a step of 16 outputs; one FMA (or pair product) with a row's broadcast
-// activations adds it to those 16 outputs' sums. No sums across lanes at the end, and at many rows each loaded
-// vector serves 8 activation rows from registers (the [N, K] many-rows kernel loads an activation vector per 4
-// products and sums every dot product across lanes). Measured on L12-D768's fp32 weights, whole decode steps in
-// one process: batch 16 25.3 -> 18.2 ms, batch 1 13.9 -> 11.6, batch 64 (oneDNN before) 71.6 -> 57.4; at 1024
-// rows as fast as oneDNN's GEMM.
+// pair of inputs a step, multiplied in bf16 pairs: vdpbf16ps). One vector load is a step of 16 outputs; one FMA
+// (or pair product) with a row's broadcast activations adds it to those 16 outputs' sums. No sums across lanes
+// at the end, and at many rows each loaded vector serves 8 activation rows from registers (the [N, K] many-rows
+// kernel loads an activation vector per 4 products and sums every dot product across lanes). Measured on
+// L12-D768's fp32 weights, whole decode steps in one process: batch 16 25.3 -> 18.2 ms, batch 1 13.9 -> 11.6,
+// batch 64 (oneDNN before) 71.6 -> 57.4; at 1024 rows as fast as oneDNN's GEMM.
 constexpr int PANEL_ROWS = 8;      // activation rows a tile of the many-rows path passes with
 constexpr int PANEL_BLOCK = 3;     // groups a tile of the many-rows path multiplies (3 x 8 accumulators)
 constexpr int PANEL_STREAM_BLOCK = 4;  // groups a tile multiplies at up to MAX_ROWS rows (4 chains a row)
 constexpr int64_t PANEL_K_CHUNK = 512; // steps per pass of the many-rows path when K is longer than 2 chunks
 
-// Inputs per lane of a step: 1 for fp32, a pair for bf16.
+// Inputs per lane of a step, by the arithmetic's type: 1 for fp32, a pair for bf16.
 template <typename X>
 constexpr int64_t panel_inputs() { return int64_t(sizeof(float) / sizeof(X)); }
 
@@ -1007,9 +1007,9 @@ void panel_tile(const X* x, int64_t ldx, const W* w, int64_t S, int64_t g, int64
 }
 
 // y [M, N] = x [M, K] @ W.T, W [G, 16 K] in the panels layout (steps of X's inputs a lane); any number of rows.
-// X is the arithmetic's type (see madd), W the stored one (fp16 is widened to fp32 as it is loaded). Up to MAX_ROWS rows,
-// blocks of 4 groups stream once for all rows; more rows pass over a block of 3 groups 8 at a time (in chunks
-// of PANEL_K_CHUNK steps if K is long), the passes together fetching the next block in software.
+// X is the arithmetic's type (see madd), W the stored one (fp16 is widened to fp32 as it is loaded). Up to
+// MAX_ROWS rows, blocks of 4 groups stream once for all rows; more rows pass over a block of 3 groups 8 at a time
+// (in chunks of PANEL_K_CHUNK steps if K is long), the passes together fetching the next block in software.
 template <typename X, typename W>
 void panel_product(const X* xp, int64_t M, const W* w, int64_t K, int64_t N, float* yp) {
     const int64_t S = K / panel_inputs<X>(), G = (N + PAIR_GROUP - 1) / PAIR_GROUP;
@@ -1050,7 +1050,8 @@ void panel_product(const X* xp, int64_t M, const W* w, int64_t K, int64_t N, flo
                         if (g + PANEL_BLOCK <= G)
                             panel_tile<R, PANEL_BLOCK>(xs, K, w, S, g, k0, k1, ys, N, k0 > 0, fetch);
                         else
-                            for (int64_t h = g; h < G; ++h) panel_tile<R, 1>(xs, K, w, S, h, k0, k1, ys, N, k0 > 0, fetch);
+                            for (int64_t h = g; h < G; ++h)
+                                panel_tile<R, 1>(xs, K, w, S, h, k0, k1, ys, N, k0 > 0, fetch);
                     });
                 }
             }
@@ -1079,7 +1080,8 @@ at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t 
     if (bf16) {
 #ifdef GOOSE_BF16_DOT
         const auto xb = x.to(at::kBFloat16);
-        panel_product(xb.data_ptr<at::BFloat16>(), x.size(0), panels.data_ptr<at::BFloat16>(), K, N, y.data_ptr<float>());
+        panel_product(xb.data_ptr<at::BFloat16>(), x.size(0), panels.data_ptr<at::BFloat16>(), K, N,
+                      y.data_ptr<float>());
 #endif
     } else if (fp16) {
         panel_product(x.data_ptr<float>(), x.size(0), panels.data_ptr<at::Half>(), K, N, y.data_ptr<float>());
