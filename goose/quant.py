@@ -97,9 +97,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 class _KernelLayout(nn.Module):
     """A module whose buffers live in memory in a native kernel's own layout where that kernel takes them
-    (``arranged`` True: fp32, fp16 and bf16 panels, int8 and int4 pairs) and in their plain layout everywhere else: in
-    ``state_dict()`` (so files keep the plain layout), while loading one, and while being moved (``.to()``;
-    arranged again on CPU afterwards)."""
+    (``arranged`` True: fp32, fp16 and bf16 panels, int8 and int4 pairs) and in their plain layout everywhere
+    else: in ``state_dict()`` (so files keep the plain layout), while loading one, and while being moved
+    (``.to()``; arranged again on CPU afterwards)."""
 
     arranged = False
 
@@ -166,8 +166,8 @@ class DenseLinear(_KernelLayout):
     """``x @ W.T`` with W in ``dtype``, whatever the activation dtype.
 
     An fp32 or fp16 weight, or a bf16 one with an even number of inputs, on a CPU whose native kernels take it
-    lives in their panels layout (``to_panels``; ``arranged`` is then True) and every product without autograd runs on
-    ``linear_panels``; ``state_dict()`` and files hold ``[out, in]``, and ``rows()`` gives it.
+    lives in their panels layout (``to_panels``; ``arranged`` is then True) and every product without autograd
+    runs on ``linear_panels``; ``state_dict()`` and files hold ``[out, in]``, and ``rows()`` gives it.
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None):
@@ -187,7 +187,8 @@ class DenseLinear(_KernelLayout):
             return False
         if self.weight.dtype == torch.bfloat16:
             return self.in_features % 2 == 0 and _native_bf16_dot()
-        return _native_fp32_panels()          # fp32, and fp16 widened to fp32 as it is loaded
+        # fp32, and fp16 widened to fp32 as it is loaded
+        return self.weight.dtype in (torch.float32, torch.float16) and _native_fp32_panels()
 
     def _inputs(self) -> int:
         """Inputs per lane of a step of the panels layout: pairs for bf16 (multiplied in pairs), else 1."""

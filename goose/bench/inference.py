@@ -11,8 +11,8 @@ repeats. Tables:
    within a minute;
 2. prefill: tok/s for prompts of T tokens (goose in chunks of ``prefill_chunk``, the official package
    as one ``forward(list, None)``), ratios to the official package;
-3. batched decode: aggregate tok/s of goose in each format at several batch sizes (one ``[B, 1]`` step per token); the
-   B=16 / B=1 target is paired the same way.
+3. batched decode: aggregate tok/s of goose in each format at several batch sizes (one ``[B, 1]`` step per
+   token); the B=16 / B=1 target is paired the same way.
 
 Every goose format is checked against the fp32 model's logits before it is timed.
 """
