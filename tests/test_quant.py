@@ -214,8 +214,10 @@ def test_only_big_matrices_are_converted(model):
         quant.quantize(copy.deepcopy(model), "int3")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_save_and_load_round_trip(model, tokens, fmt, tmp_path, overwrite_in_place):
+    """Files hold the plain layout; loading one arranges the weights again (panels, pairs) and computes the same
+    logits, bit for bit."""
     q = converted(model, fmt)
     path = tmp_path / f"m-{fmt}.safetensors"
     quant.save_quantized(q, path)
@@ -230,7 +232,8 @@ def test_save_and_load_round_trip(model, tokens, fmt, tmp_path, overwrite_in_pla
         quant.save_quantized(model, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not a goose quantized"):
         quant.load_quantized(tmp_path / "nothing.safetensors")
-    assert size < sum(t.numel() * 4 for t in model.state_dict().values())
+    if fmt != "fp32":
+        assert size < sum(t.numel() * 4 for t in model.state_dict().values())
     before = {k: t.clone() for k, t in back.state_dict().items()}
     overwrite_in_place(path)                         # the loaded model owns its weights
     assert all(torch.equal(t, before[k]) for k, t in back.state_dict().items())
