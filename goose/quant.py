@@ -204,9 +204,7 @@ class DenseLinear(_KernelLayout):
         """The weight as ``[out, in]``, whatever the layout in memory (a copy when arranged in panels)."""
         if not self.arranged:
             return self.weight
-        inputs = self._inputs()
-        steps = self.weight.view(-1, self.in_features // inputs, PAIR_GROUP, inputs).transpose(1, 2)
-        return steps.reshape(-1, self.in_features)[:self.out_features]
+        return _from_panels(self.weight, self.in_features, self._inputs())[:self.out_features]
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -328,6 +326,13 @@ def to_panels(w: Tensor, inputs: int) -> Tensor:
     return _materialized(padded.view(groups, PAIR_GROUP, K // inputs, inputs).transpose(1, 2)).view(groups, -1)
 
 
+def _from_panels(panels: Tensor, K: int, inputs: int) -> Tensor:
+    """Groups of rows in the panels layout (``to_panels``; any shape with the groups first) back as ``[16 groups,
+    K]`` rows, padding rows included (a copy)."""
+    steps = panels.reshape(panels.shape[0], K // inputs, PAIR_GROUP, inputs).transpose(1, 2)
+    return steps.reshape(-1, K)
+
+
 @functools.cache
 def _decode_op(name: str):
     """The native decode kernel ``name`` (looked up once: a product's Python overhead is a few us, per call)."""
@@ -412,7 +417,7 @@ class Int4Linear(_KernelLayout):
             return self.weight[lo:hi], self.scale[lo:hi], self.zero[lo:hi]
         g0, g1, rows = _pair_groups(lo, hi, self.out_features)
         q = native.ops("decode").int4_pairs_rows(self.weight, g0, g1)[rows]
-        scale, zero = (t[g0:g1].transpose(1, 2).reshape(-1, t.shape[1])[rows] for t in (self.scale, self.zero))
+        scale, zero = (_from_panels(t[g0:g1], t.shape[1], 1)[rows] for t in (self.scale, self.zero))
         return q, scale.contiguous(), zero.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -464,12 +469,6 @@ class Int4Linear(_KernelLayout):
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}{layout}"
 
 
-def _to_pair_groups(t: Tensor) -> Tensor:
-    """Per-row, per-group values ``[N, groups]`` as ``[ceil(N / 16), groups, 16]`` (zero rows pad the last)."""
-    padded = _padded_rows(t)
-    return _materialized(padded.view(-1, PAIR_GROUP, t.shape[1]).transpose(1, 2))
-
-
 def int4_to_pairs(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """An Int4Linear's ``[N, K / 2]`` weight and ``[N, K / group]`` scale and zero in the native kernels' pairs
     layout: groups of 16 output rows; in each, a block of 32 bytes per 4 inputs, byte ``2 o + j`` holding input
@@ -479,7 +478,8 @@ def int4_to_pairs(q: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tenso
     groups, K = padded.shape[0] // PAIR_GROUP, 2 * padded.shape[1]
     values = torch.stack([padded & 15, padded >> 4], dim=-1).view(groups, PAIR_GROUP, K // 4, 2, 2)
     packed = values[:, :, :, 0] | (values[:, :, :, 1] << 4)       # [group, o, t, j]: byte 2 o + j of block t
-    return _materialized(packed.transpose(1, 2)).view(groups, -1), _to_pair_groups(scale), _to_pair_groups(zero)
+    per_group = (to_panels(t, 1).view(groups, t.shape[1], PAIR_GROUP) for t in (scale, zero))
+    return (_materialized(packed.transpose(1, 2)).view(groups, -1), *per_group)
 
 
 QUANTIZED = (DenseLinear, Int8Linear, Int4Linear)
