@@ -3,8 +3,9 @@
 Parameter names and shapes are exactly those of official RWKV-LM checkpoints, so an official
 ``.pth`` loads with ``strict=True``. One forward serves every use: decoding is T == 1, prefill and
 training are T > 1 through the chunked WKV kernel; all paths share this code. The one exception is a
-fast path: on CPU in fp32 without autograd, a decode step's LayerNorms, token shifts and time-mix run
-through fused C++ kernels (``ops/fused.py``), which tests/test_decode.py holds to this code.
+fast path: on CPU in fp32 without autograd, a decode step runs in one native call (``ops/fused.py``: the
+projections on goose's kernels, the LayerNorms, token shifts and time-mix fused), which tests/test_decode.py
+holds to this code.
 
     x = LN0(emb[tokens])
     for each block:  x += TimeMix(LN1(x));  x += ChannelMix(LN2(x))
@@ -168,19 +169,12 @@ class TimeMix(nn.Module):
         """``forward`` for one token through the fused CPU kernels (ops/fused.py): the same math."""
         B, _, C = x.shape
         out_state = torch.empty_like(wkv_state) if wkv_out is None else wkv_out
-        out, v_first = self.fused_mix(fused.token_mix(x.view(B, C), shift, self.mix_coefs()), wkv_state, out_state,
-                                      v_first)
-        return out.view(B, 1, C), x[:, -1], out_state, v_first
-
-    def fused_mix(self, mixed: Tensor, wkv_state: Tensor, wkv_out: Tensor, v_first: Tensor | None
-                  ) -> tuple[Tensor, Tensor]:
-        """One token from ``fused.token_mix``'s output ``mixed`` on: returns (output ``[B, C]``, v_first); the new
-        WKV state goes to ``wkv_out`` (may be ``wkv_state``)."""
+        mixed = fused.token_mix(x.view(B, C), shift, self.mix_coefs())
         r, k, v = self.receptance(mixed[0]), self.key(mixed[2]), self.value(mixed[3])
-        y, v = fused.time_mix_step(r, k, v, mixed, self._fused_params(), wkv_state, wkv_out,
+        y, v = fused.time_mix_step(r, k, v, mixed, self._fused_params(), wkv_state, out_state,
                                    None if self.layer_id == 0 else v_first, self.log_decay_floor, self.iclr,
                                    self.ln_x.eps)
-        return self.output(y), v if self.layer_id == 0 else v_first
+        return self.output(y).view(B, 1, C), x[:, -1], out_state, v if self.layer_id == 0 else v_first
 
 
 class ChannelMix(nn.Module):
@@ -193,11 +187,8 @@ class ChannelMix(nn.Module):
         self.value = Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-        return self.mix(torch.addcmul(x, _token_shift(x, shift), self.x_k)), x[:, -1]
-
-    def mix(self, xk: Tensor) -> Tensor:
-        """The FFN of the token-shifted input ``xk``."""
-        return self.value(torch.relu(self.key(xk)) ** 2)
+        xk = torch.addcmul(x, _token_shift(x, shift), self.x_k)
+        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
 
 
 class Block(nn.Module):
@@ -211,17 +202,18 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
 
-    def fused_step(self, x: Tensor, state: State, new_state: State, v_first: Tensor | None
-                   ) -> tuple[Tensor, Tensor]:
-        """One token ``x [B, C]`` (after ln0 in layer 0) through the block on the fused CPU kernels: the
-        LayerNorms run inside ``fused.token_mix``, which also writes the new token shifts. Returns (x, v_first).
-        ``new_state`` may be ``state``."""
-        i = self.layer_id
-        mixed = fused.token_mix(x, state.att_shift[i], self.att.mix_coefs(), self.ln1, new_state.att_shift[i])
-        out, v_first = self.att.fused_mix(mixed, state.wkv[i], new_state.wkv[i], v_first)
-        x = x + out
-        xk = fused.token_mix(x, state.ffn_shift[i], [self.ffn.x_k], self.ln2, new_state.ffn_shift[i])[0]
-        return x + self.ffn.mix(xk), v_first
+    def decoder_layer(self) -> tuple[list[Tensor], list[float]]:
+        """This block's tensors and LayerNorm epsilons for ``fused.Decoder`` (csrc/decode.cpp DecodeStep's
+        order: ln1, the time-mix's token-shift coefficients and fused parameters, ln2, the FFN's coefficient)."""
+        ln1, ln2 = self.ln1, self.ln2
+        tensors = [ln1.weight, ln1.bias, *self.att.mix_coefs(), *self.att._fused_params(), ln2.weight, ln2.bias,
+                   self.ffn.x_k]
+        return tensors, [ln1.eps, ln2.eps, self.att.ln_x.eps]
+
+    def projections(self) -> list[nn.Module]:
+        """The block's matrix products in ``fused.Decoder``'s order."""
+        att, ffn = self.att, self.ffn
+        return [att.receptance, att.key, att.value, att.output, ffn.key, ffn.value]
 
 
 class RWKV7(nn.Module):
@@ -263,13 +255,12 @@ class RWKV7(nn.Module):
         # each layer's new state is written straight into its slot (of the caller's state if inplace), so
         # decoding allocates no state-sized temporaries; a layer reads its old slot before it is written
         new_state = state if inplace else State(*(torch.empty_like(t) for t in state.tensors().values()))
+        if tokens.shape[1] == 1 and mode == "auto":
+            logits = self._native_step(tokens, state, new_state)
+            if logits is not None:
+                return (logits if last else logits[:, None]), new_state
         x = self.emb(tokens)
         v_first = None
-        if tokens.shape[1] == 1 and mode == "auto" and fused.available(x, self):    # decoding on the CPU kernels
-            x = self.blocks[0].ln0(x[:, 0])
-            for block in self.blocks:
-                x, v_first = block.fused_step(x, state, new_state, v_first)
-            return self.head(self.ln_out(x if last else x[:, None])), new_state
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
@@ -289,3 +280,28 @@ class RWKV7(nn.Module):
         if last:
             x = x[:, -1]
         return self.head(self.ln_out(x)), new_state
+
+    def _native_step(self, tokens: Tensor, state: State, new_state: State) -> Tensor | None:
+        """The logits ``[B, V]`` of a decode step run in one native call (``fused.Decoder``), or None where that
+        does not apply: not fp32 on the CPU, autograd, a projection with no native kernel (an unmerged LoRA, say)
+        or more rows than one takes."""
+        if not fused.available(state.att_shift, self):
+            return None
+        for rebuild in (False, True):         # built again once if one of the model's tensors changed under it
+            decoder = fused.decoder(self, self._decoder, rebuild)
+            if decoder is None or tokens.shape[0] > decoder.max_rows:
+                return None
+            logits = decoder(tokens, state, new_state)
+            if logits is not None:
+                return logits
+        return None
+
+    def _decoder(self) -> fused.Decoder | None:
+        """A ``fused.Decoder`` of this model, or None if a projection has no native kernel."""
+        products = [getattr(m, "native_product", lambda: None)()
+                    for m in (*(p for block in self.blocks for p in block.projections()), self.head)]
+        if any(p is None for p in products):
+            return None
+        return fused.Decoder(self.emb.weight, self.blocks[0].ln0, self.ln_out,
+                             [block.decoder_layer() for block in self.blocks], products,
+                             self.config.log_decay_floor, self.config.iclr)

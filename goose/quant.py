@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ from torch import Tensor, nn
 
 from .checkpoint import own_copy
 from .ops import linear, native, native_rows
-from .ops.gemm import call_on_rows
+from .ops.gemm import NativeProduct, call_on_rows, weight_product
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -151,14 +152,21 @@ class _KernelLayout(nn.Module):
         self._arrange()
         return out
 
-    def _kernel_product(self, x: Tensor, op: str, *operands, max_rows: int = NATIVE_QUANT_MAX_ROWS) -> Tensor | None:
-        """``x @ W.T`` on the native kernel ``op`` if it takes this call (up to ``max_rows`` rows; any activation
-        dtype, taken as fp32), else None."""
+    def native_product(self) -> NativeProduct | None:
+        """The native kernel that computes this module's product when decoding, with its operands, if any."""
+        raise NotImplementedError
+
+    def _kernel_product(self, x: Tensor) -> Tensor | None:
+        """``x @ W.T`` on ``native_product()``'s kernel if it takes this call (any activation dtype, taken as
+        fp32), else None."""
+        product = self.native_product()
+        if product is None:
+            return None
         x32 = x if x.dtype == torch.float32 else x.float()      # each skipped no-op conversion saves ~0.5 us
-        rows = native_rows(x32, max_rows)
+        rows = native_rows(x32, product.max_rows)
         if not rows:
             return None
-        out = call_on_rows(_decode_op(op), x32, rows, self.weight, *operands)
+        out = call_on_rows(_decode_op(product.op), x32, rows, *product.operands, *product.args)
         return out if x32 is x else out.to(x.dtype)
 
 
@@ -206,10 +214,15 @@ class DenseLinear(_KernelLayout):
             return self.weight
         return _from_panels(self.weight, self.in_features, self._inputs())[:self.out_features]
 
+    def native_product(self) -> NativeProduct | None:
+        if self.arranged:
+            return NativeProduct("linear_panels", (self.weight,), (self.out_features,), max_rows=sys.maxsize)
+        return weight_product(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if self.arranged:
-            out = self._kernel_product(x, "linear_panels", self.out_features, max_rows=x.numel())
+            out = self._kernel_product(x)
             if out is not None:
                 return out
             return F.linear(x, self.rows().to(x.dtype))    # autograd, autocast: rare, so the copy is fine
@@ -271,14 +284,17 @@ class Int8Linear(_KernelLayout):
     def dequantize(self, lo: int = 0, hi: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.rows(lo, hi).to(dtype) * self.scale[lo:hi, None].to(dtype)
 
+    def native_product(self) -> NativeProduct | None:
+        if not self.weight.is_cpu:
+            return None
+        op = "linear_int8_pairs" if self.arranged else "linear_int8"     # fp32 activations without VNNI
+        return NativeProduct(op, (self.weight, self.scale), max_rows=NATIVE_QUANT_MAX_ROWS)
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if self.arranged:
-            out = self._kernel_product(x, "linear_int8_pairs", self.scale)
-            if out is not None:
-                return out
-        elif native_rows(x, NATIVE_QUANT_MAX_ROWS):    # fp32 activations, decoding: goose's kernels
-            return call_on_rows(native.ops("decode").linear_int8, x, rows, self.weight, self.scale)
+        out = self._kernel_product(x)
+        if out is not None:
+            return out
         if _HAS_INT8_MM and not self.arranged and _packed_path(x, rows, self.packed_max_rows):
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
@@ -447,14 +463,19 @@ class Int4Linear(_KernelLayout):
         self._cpu_packed = None
         return super()._apply(fn, recurse)
 
+    def native_product(self) -> NativeProduct | None:
+        if not self.arranged:
+            return None
+        return NativeProduct("linear_int4_pairs", (self.weight, self.scale, self.zero),
+                             (self.group_size, self.out_features), NATIVE_QUANT_MAX_ROWS)
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if self.arranged:
-            out = self._kernel_product(x, "linear_int4_pairs", self.scale, self.zero, self.group_size,
-                                      self.out_features)
-            if out is not None:
-                return out
-        elif _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows) and self.out_features % 16 == 0:
+        out = self._kernel_product(x)
+        if out is not None:
+            return out
+        if (not self.arranged and _HAS_INT4_MM and _packed_path(x, rows, self.packed_max_rows)
+                and self.out_features % 16 == 0):
             packed, scales_zeros = self._cpu_kernel_args()
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)

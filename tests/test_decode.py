@@ -112,3 +112,106 @@ def test_autograd_takes_the_torch_path():
     assert not fused.available(x.requires_grad_(), module.requires_grad_(False))
     with torch.no_grad():
         assert fused.available(x, module.requires_grad_(True))
+
+
+@pytest.fixture
+def native_step_calls(monkeypatch):
+    """The number of decode steps the whole-step decoder (fused.Decoder) has run so far: ``calls()``."""
+    count = [0]
+    real = fused.Decoder.__call__
+
+    def counted(self, *args):
+        out = real(self, *args)
+        count[0] += out is not None
+        return out
+
+    monkeypatch.setattr(fused.Decoder, "__call__", counted)
+    return lambda: count[0]
+
+
+@pytest.fixture
+def per_op(monkeypatch):
+    """A context in which decode steps skip the whole-step decoder: model.py's loop over the blocks runs, its
+    time-mix on the fused kernels, its projections called module by module."""
+    class _PerOp:
+        def __enter__(self):
+            monkeypatch.setattr(model_module.RWKV7, "_native_step", lambda *args: None)
+
+        def __exit__(self, *exc):
+            monkeypatch.undo()
+    return _PerOp()
+
+
+@pytest.mark.parametrize("fmt", [None, "fp32", "bf16", "fp16", "int8", "int4"])
+def test_native_step_runs_every_format(ckpt_factory, native_step_calls, per_op, fmt):
+    """Every weight format decodes in one native call (fp16 needs AVX-512's panels, int4 AVX512-VNNI's pairs: without
+    them their products run on torch), and that call computes what the module-by-module step does
+    (same kernels; only the LayerNorms run on other code, so fp32 rounding apart; where the kernels round the
+    activations, such a difference can move one by a rounding step: a step of int8/int4's int16 activations is
+    1/65534 of the row's range (1e-3), of bf16's 2^-8 of the value (1e-2; measured 4.5e-3))."""
+    model = load(ckpt_factory("decode_formats.pth", n_layer=2, n_embd=128, vocab_size=300, seed=5))
+    if fmt is not None:
+        model = quantize(model, fmt)
+    tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        state = model.new_state(3)
+        fast = torch.stack([model(tokens[:, t:t + 1], state, last=True, inplace=True)[0] for t in range(4)], dim=1)
+    decode = native.ops("decode")
+    native_kernels = {"fp16": decode.fp32_panels(), "int4": decode.int16_dot()}.get(fmt, True)
+    assert native_step_calls() == (4 if native_kernels else 0)
+    with per_op:
+        slow, slow_state = _decode(model, tokens)
+    tol = {"int8": 1e-3 if decode.int16_dot() else TOL, "int4": 1e-3 if decode.int16_dot() else TOL,
+           "bf16": 1e-2 if decode.bf16_dot() else TOL}.get(fmt, TOL)
+    assert _err(fast, slow) <= tol
+    for name, a in state.tensors().items():
+        b = slow_state.tensors()[name]
+        assert ((a - b).abs().max() / b.abs().max()).item() <= tol, name
+
+
+def test_native_step_follows_changes_to_the_model(ckpt_factory, native_step_calls, per_op):
+    """The decoder holds the model's tensors: a replaced module (quantize) or a parameter given new memory
+    (``.data =``) is seen at the next step, which builds the decoder again."""
+    path = ckpt_factory("decode_changes.pth", n_layer=2, n_embd=128, vocab_size=300, seed=6)
+    model, token = load(path), torch.tensor([[7]])
+    with torch.inference_mode():
+        before = model(token)[0]
+        quantize(model, "int8")
+        after = model(token)[0]
+        assert torch.equal(after, quantize(load(path), "int8")(token)[0])
+        assert not torch.equal(after, before)
+        ln = model.blocks[1].ln1.weight
+        ln.data = ln.data * 2                      # new memory under the same Parameter
+        doubled = model(token)[0]
+    assert native_step_calls() == 4
+    with per_op, torch.inference_mode():
+        assert _err(doubled, model(token)[0]) <= 1e-3
+    assert _err(doubled, after) > 1e-2
+
+
+def test_native_step_rejects_bad_tokens_writing_nothing(ckpt_factory):
+    model = load(ckpt_factory("decode_changes.pth", n_layer=2, n_embd=128, vocab_size=300, seed=6))
+    with torch.inference_mode():
+        state = model.new_state(2)
+        model(torch.tensor([[1], [2]]), state, inplace=True)
+        kept = state.clone()
+        with pytest.raises(IndexError):
+            model(torch.tensor([[1], [300]]), state, inplace=True)
+    for name, t in state.tensors().items():
+        assert torch.equal(t, kept.tensors()[name]), name
+
+
+def test_native_step_falls_back_where_it_does_not_apply(ckpt_factory, native_step_calls, torch_only):
+    """More rows than a projection's kernel takes (17 > 16 for the model's own fp32 Linear), or a projection with
+    no native kernel, run the per-module path: same results."""
+    model = load(ckpt_factory("decode_formats.pth", n_layer=2, n_embd=128, vocab_size=300, seed=5))
+    tokens = torch.randint(0, 300, (17, 2), generator=torch.Generator().manual_seed(3))
+    wide, _ = _decode(model, tokens)
+    plain_head = torch.nn.Linear(128, 300, bias=False)
+    plain_head.weight = model.head.weight
+    model.head = plain_head
+    narrow, _ = _decode(model, tokens[:2])
+    assert native_step_calls() == 0
+    with torch_only:
+        plain, _ = _decode(model, tokens)
+    assert _err(wide, plain) <= TOL and _err(narrow, plain[:2]) <= TOL

@@ -1,20 +1,25 @@
-"""Fused one-token kernels (``csrc/decode.cpp``): RWKV-7's small per-layer operations in two calls.
+"""Fused one-token kernels (``csrc/decode.cpp``): a decode step of RWKV-7 in one native call.
 
 A decode step at batch 1 spends as much time launching ~80 tiny torch operations per layer (LayerNorms,
 lerps, LoRAs, activations, the WKV update, GroupNorm) as reading weights. ``token_mix`` (with the LayerNorm
-before it and the shift-state update) and ``time_mix_step`` do that work in one pass each; the projections
-between them stay ordinary modules (so every weight format works). The model uses them only where they
-apply (``available``): fp32 on CPU, no autograd, kernels built. The torch code in ``goose/model.py`` stays
-the definition; tests/test_decode.py checks the two agree.
+before it and the shift-state update) and ``time_mix_step`` do that work in one pass each. Even then, calling
+those and the projections one by one from Python costs ~75 us a layer; ``Decoder`` runs the whole step
+(embedding to logits) in one call, each projection on the native kernel its module names
+(``native_product()``: every weight format of goose.quant and the model's own fp32 ``Linear``). The model uses
+these only where they apply (``available``): fp32 on CPU, no autograd, kernels built. The torch code in
+``goose/model.py`` stays the definition; tests/test_decode.py checks the two agree.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from . import gemm, native
+from .gemm import NativeProduct
 
 
 def available(x: Tensor, module: nn.Module) -> bool:
@@ -51,3 +56,51 @@ def time_mix_step(r: Tensor, k: Tensor, v: Tensor, mixed: Tensor, params: Sequen
     be ``state``). Returns (the gated output ``[B, C]``, ``v`` after the value residual)."""
     return native.ops("decode").time_mix_step(r, k, v, mixed, list(params), state, out_state, v_first,
                                                log_decay_floor, iclr, eps)
+
+
+class Decoder:
+    """A model's whole decode step as one native call (``DecodeStep`` in csrc/decode.cpp), holding the model's own
+    tensors: ``layers`` are each block's ``(tensors, LayerNorm epsilons)`` in DecodeStep's order, ``products``
+    each block's receptance, key, value, output, ffn key and ffn value products, then the head's."""
+
+    def __init__(self, emb: Tensor, ln0: nn.LayerNorm, ln_out: nn.LayerNorm,
+                 layers: Sequence[tuple[list[Tensor], list[float]]], products: Sequence[NativeProduct],
+                 log_decay_floor: float, iclr: bool):
+        self._step = torch.classes.goose_decode.DecodeStep(emb, ln0.weight, ln0.bias, ln0.eps, ln_out.weight,
+                                                           ln_out.bias, ln_out.eps, log_decay_floor, iclr)
+        for tensors, eps in layers:
+            self._step.add_layer(tensors, eps)
+        for p in products:
+            self._step.add_product(p.op, list(p.operands), list(p.args))
+        self.max_rows = min(p.max_rows for p in products)
+
+    def __call__(self, tokens: Tensor, state, new_state) -> Tensor | None:
+        """Logits ``[B, V]`` of ``tokens [B, 1]`` after ``state``, the new state written to ``new_state`` (may be
+        ``state``); None, with nothing written, if a tensor of the model changed dtype, shape or memory."""
+        return self._step.step(tokens, state.att_shift, state.wkv, state.ffn_shift, new_state.att_shift,
+                               new_state.wkv, new_state.ffn_shift)
+
+
+# Decoders hold a model's tensors as they were: one is kept until any module anywhere registers a parameter,
+# buffer or submodule (assigning one, quantize(), load_state_dict(assign=True), rearranging a weight layout)
+_changes = 0
+_decoders: weakref.WeakKeyDictionary[nn.Module, tuple[int, Decoder | None]] = weakref.WeakKeyDictionary()
+
+
+def _count_change(*_args) -> None:
+    global _changes
+    _changes += 1
+
+
+for _register in (_module.register_module_parameter_registration_hook,
+                  _module.register_module_buffer_registration_hook, _module.register_module_module_registration_hook):
+    _register(_count_change)
+
+
+def decoder(model: nn.Module, build: Callable[[], Decoder | None], rebuild: bool = False) -> Decoder | None:
+    """``model``'s Decoder as ``build`` makes it (None: the model has no native step), made again when modules
+    changed since, or if ``rebuild``."""
+    kept = _decoders.get(model)
+    if rebuild or kept is None or kept[0] != _changes:
+        kept = _decoders[model] = (_changes, build())
+    return kept[1]

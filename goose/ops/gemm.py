@@ -29,6 +29,7 @@ decode step, ``ops/fused.py``); ``GOOSE_NATIVE=0`` turns off every native kernel
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +44,34 @@ NATIVE_MAX_ROWS = 4               # the matrix-vector kernels' limit (memory-bou
 NATIVE_LINEAR_MAX_ROWS = 16       # `linear`'s many-rows kernel: faster than oneDNN up to here (measured)
 
 
+class NativeProduct(NamedTuple):
+    """How a native kernel of ``csrc/decode.cpp`` computes a module's ``x @ W.T`` for up to ``max_rows`` fp32 rows
+    without autograd: ``op(x, *operands, *args)``, ``op`` the kernel's name (the whole-step decoder of
+    ``ops/fused.py`` calls the same kernels from C++)."""
+
+    op: str
+    operands: tuple[Tensor, ...]
+    args: tuple[int, ...] = ()
+    max_rows: int = NATIVE_LINEAR_MAX_ROWS
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and keys) whose product runs on ``matmul``'s fast CPU kernels."""
 
     def forward(self, x: Tensor) -> Tensor:
         params = self._parameters       # not self.weight: module attribute lookup costs ~0.4 us, per decode op
         return linear(x, params["weight"]) if params["bias"] is None else super().forward(x)
+
+    def native_product(self) -> NativeProduct | None:
+        """The native kernel ``linear`` runs this product on when decoding (``NativeProduct``), if any."""
+        return weight_product(self._parameters["weight"]) if self._parameters["bias"] is None else None
+
+
+def weight_product(weight: Tensor) -> NativeProduct | None:
+    """``NativeProduct`` of ``linear``'s decoding kernel for an ``[out, in]`` fp32 or bf16 CPU ``weight``, else None."""
+    if weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous():
+        return NativeProduct("linear", (weight,))
+    return None
 
 
 def _fp32_cpu(x: Tensor, w: Tensor) -> bool:
