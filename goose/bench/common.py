@@ -107,14 +107,27 @@ def _big_matrix() -> torch.Tensor:
     return own_copy(torch.randn(16384, 8192, generator=torch.Generator().manual_seed(0)), "cpu", torch.float32)
 
 
+@functools.lru_cache(maxsize=1)
+def _big_inference_matrix() -> torch.nn.Module:
+    """``_big_matrix`` in goose's fp32 inference format (``quant.DenseLinear``: the panels layout on AVX-512)."""
+    from goose.quant import DenseLinear
+
+    w = _big_matrix()
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    return DenseLinear.from_linear(lin, torch.float32)
+
+
 def matvec_bandwidth(repeats: int = 10) -> float:
     """GB/s of weights read by a large fp32 matrix-vector product (16384 x 8192, 512 MiB, far larger than any
     cache), the roofline's bandwidth: the best of torch's default kernel in both memory layouts (``W @ x``
     reads rows, ``x @ W`` sweeps columns), numpy's BLAS (OpenBLAS, on its own threads) and goose's own
-    (``ops.linear``), median of repeats each. The vector changes every call."""
+    (``ops.linear`` on ``[out, in]``, and the inference format's, ``quant.DenseLinear``), median of repeats
+    each. The vector changes every call."""
     import numpy as np
 
     w = _big_matrix()
+    inference = _big_inference_matrix()
     best = 0.0
 
     def openblas(x: torch.Tensor) -> np.ndarray:
@@ -126,7 +139,7 @@ def matvec_bandwidth(repeats: int = 10) -> float:
             torch.set_num_threads(threads)
 
     for fn, n in ((lambda x: w @ x, w.shape[1]), (lambda x: x @ w, w.shape[0]),
-                  (openblas, w.shape[1]), (lambda x: linear(x, w), w.shape[1])):
+                  (openblas, w.shape[1]), (lambda x: linear(x, w), w.shape[1]), (inference, w.shape[1])):
         xs = torch.randn(repeats + 2, n)
         times = [timed(functools.partial(fn, x)) for x in xs]
         best = max(best, w.numel() * 4 / statistics.median(times[2:]) / 1e9)
