@@ -194,9 +194,9 @@ class DenseLinear(_KernelLayout):
         if not self.weight.is_cpu:
             return False
         if self.weight.dtype == torch.bfloat16:
-            return self.in_features % 2 == 0 and _native_bf16_dot()
+            return self.in_features % 2 == 0 and native_can("bf16_dot")
         # fp32, and fp16 widened to fp32 as it is loaded
-        return self.weight.dtype in (torch.float32, torch.float16) and _native_fp32_panels()
+        return self.weight.dtype in (torch.float32, torch.float16) and native_can("fp32_panels")
 
     def _inputs(self) -> int:
         """Inputs per lane of a step of the panels layout: pairs for bf16 (multiplied in pairs), else 1."""
@@ -266,7 +266,7 @@ class Int8Linear(_KernelLayout):
         return m
 
     def _takes_layout(self) -> bool:
-        return self.weight.is_cpu and self.in_features % 2 == 0 and _native_int16_dot()
+        return self.weight.is_cpu and self.in_features % 2 == 0 and native_can("int16_dot")
 
     def _kernel_buffers(self) -> dict[str, Tensor]:
         return {"weight": to_panels(self.weight, 2)}
@@ -356,21 +356,11 @@ def _decode_op(name: str):
 
 
 @functools.cache
-def _native_fp32_panels() -> bool:
-    """Whether the native kernels multiply fp32 weights in the panels layout; asked once."""
-    return native.load("decode") and native.ops("decode").fp32_panels()
-
-
-@functools.cache
-def _native_bf16_dot() -> bool:
-    """Whether the native kernels multiply bf16 weights in bf16 pairs (their bf16 panels layout needs it)."""
-    return native.load("decode") and native.ops("decode").bf16_dot()
-
-
-@functools.cache
-def _native_int16_dot() -> bool:
-    """Whether the native kernels multiply int8 in int16 pairs (the pairs layout needs it); asked once."""
-    return native.load("decode") and native.ops("decode").int16_dot()
+def native_can(capability: str) -> bool:
+    """Whether the native kernels are built here with ``capability``, asked once: ``"fp32_panels"`` (fp32 and fp16
+    weights in the panels layout), ``"bf16_dot"`` (bf16 weights multiplied in bf16 pairs: their panels layout)
+    or ``"int16_dot"`` (int8 and int4 multiplied in int16 pairs: their pairs layouts)."""
+    return native.load("decode") and getattr(native.ops("decode"), capability)()
 
 
 def _round_up_to_bf16(x: Tensor) -> Tensor:
@@ -419,7 +409,8 @@ class Int4Linear(_KernelLayout):
         return m
 
     def _takes_layout(self) -> bool:                      # groups of 4k <= 4096 inputs
-        return self.weight.is_cpu and self.group_size % 4 == 0 and self.group_size <= 4096 and _native_int16_dot()
+        return (self.weight.is_cpu and self.group_size % 4 == 0 and self.group_size <= 4096
+                and native_can("int16_dot"))
 
     def _kernel_buffers(self) -> dict[str, Tensor]:
         return dict(zip(("weight", "scale", "zero"), int4_to_pairs(self.weight, self.scale, self.zero)))

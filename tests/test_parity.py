@@ -68,7 +68,7 @@ def test_prompt_and_decode_match_official(pair, mode, matmul_path):
     ref, model, _ = pair
     if matmul_path == "panels":
         model = quantize(copy.deepcopy(model), "fp32")
-        assert model.head.arranged == quant._native_fp32_panels()     # the kernel runs wherever it exists
+        assert model.head.arranged == quant.native_can("fp32_panels")   # the kernel runs wherever it exists
     with torch.no_grad():
         logits, state = model(torch.tensor([ref["prompt"]]), mode=mode)
         assert max_err(logits[0], ref["prompt_logits"]) <= TOL

@@ -70,7 +70,7 @@ def test_fp32_format_is_exact(model, tokens):
     take it): the same weights, the same logits up to summation order, in a prefill and in a step."""
     q = converted(model, "fp32")
     new, old = q.blocks[0].att.key, model.blocks[0].att.key
-    assert new.arranged == quant._native_fp32_panels()
+    assert new.arranged == quant.native_can("fp32_panels")
     assert torch.equal(new.rows(), old.weight) and torch.equal(q.state_dict()["blocks.0.att.key.weight"], old.weight)
     with torch.no_grad():
         torch.testing.assert_close(q(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
@@ -82,7 +82,7 @@ def test_panels_layout_is_invisible_outside_the_kernels(dtype):
     """A DenseLinear in the panels layout (fp32, fp16; bf16 in pairs): state_dict, rows(), load_state_dict and module
     moves see the [out, in] weight; 1 to 100 rows and any activation dtype take the kernel, autograd the plain
     weight."""
-    if not (quant._native_bf16_dot() if dtype == torch.bfloat16 else quant._native_fp32_panels()):
+    if not (quant.native_can("bf16_dot") if dtype == torch.bfloat16 else quant.native_can("fp32_panels")):
         pytest.skip("no panels kernel for this dtype on this CPU: the [out, in] layout stays")
     g = torch.Generator().manual_seed(5)
     lin = nn.Linear(40, 37, bias=False)                  # 37 outputs: the last group of 16 is padded
@@ -137,7 +137,7 @@ def test_int8_pairs_layout_is_invisible_outside_the_kernels():
     """Where the native kernels multiply int8 in int16 pairs, an Int8Linear keeps its weight in their pairs layout;
     state_dict, rows(), load_state_dict and module moves all see the [out, in] weight, and any activation dtype
     takes the kernel."""
-    if not quant._native_int16_dot():
+    if not quant.native_can("int16_dot"):
         pytest.skip("no int16 dot products on this CPU: the [out, in] layout stays")
     g = torch.Generator().manual_seed(3)
     lin = nn.Linear(96, 37, bias=False)                  # 37 outputs: the last group of 16 is padded
@@ -164,7 +164,7 @@ def test_int8_pairs_layout_is_invisible_outside_the_kernels():
 def test_int4_pairs_layout_is_invisible_outside_the_kernels():
     """The same for Int4Linear: weight, scale and zero in the pairs layout in memory, plain in state_dict (equal
     to a module taken back to the plain layout), through load_state_dict and module moves."""
-    if not quant._native_int16_dot():
+    if not quant.native_can("int16_dot"):
         pytest.skip("no int16 dot products on this CPU: the [out, in / 2] layout stays")
     g = torch.Generator().manual_seed(4)
     lin = nn.Linear(128, 37, bias=False)
