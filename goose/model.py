@@ -284,12 +284,12 @@ class RWKV7(nn.Module):
     def _native_step(self, tokens: Tensor, state: State, new_state: State) -> Tensor | None:
         """The logits ``[B, V]`` of a decode step run in one native call (``fused.Decoder``), or None where that
         does not apply: not fp32 on the CPU, autograd, a projection with no native kernel (an unmerged LoRA, say)
-        or more rows than one takes."""
+        or a forward hook, more rows than a kernel takes."""
         if not fused.available(state.att_shift, self):
             return None
         for rebuild in (False, True):         # built again once if one of the model's tensors changed under it
             decoder = fused.decoder(self, self._decoder, rebuild)
-            if decoder is None or tokens.shape[0] > decoder.max_rows:
+            if decoder is None or not decoder.takes(tokens.shape[0]):
                 return None
             logits = decoder(tokens, state, new_state)
             if logits is not None:
@@ -298,10 +298,10 @@ class RWKV7(nn.Module):
 
     def _decoder(self) -> fused.Decoder | None:
         """A ``fused.Decoder`` of this model, or None if a projection has no native kernel."""
-        products = [getattr(m, "native_product", lambda: None)()
-                    for m in (*(p for block in self.blocks for p in block.projections()), self.head)]
+        projections = [*(p for block in self.blocks for p in block.projections()), self.head]
+        products = [getattr(m, "native_product", lambda: None)() for m in projections]
         if any(p is None for p in products):
             return None
         return fused.Decoder(self.emb.weight, self.blocks[0].ln0, self.ln_out,
-                             [block.decoder_layer() for block in self.blocks], products,
+                             [block.decoder_layer() for block in self.blocks], projections, products,
                              self.config.log_decay_floor, self.config.iclr)

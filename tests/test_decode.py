@@ -202,11 +202,17 @@ def test_native_step_rejects_bad_tokens_writing_nothing(ckpt_factory):
 
 
 def test_native_step_falls_back_where_it_does_not_apply(ckpt_factory, native_step_calls, torch_only):
-    """More rows than a projection's kernel takes (17 > 16 for the model's own fp32 Linear), or a projection with
-    no native kernel, run the per-module path: same results."""
+    """More rows than a projection's kernel takes (17 > 16 for the model's own fp32 Linear), a forward hook on a
+    projection (it must see the step), or a projection with no native kernel, run the per-module path: same
+    results."""
     model = load(ckpt_factory("decode_formats.pth", n_layer=2, n_embd=128, vocab_size=300, seed=5))
     tokens = torch.randint(0, 300, (17, 2), generator=torch.Generator().manual_seed(3))
     wide, _ = _decode(model, tokens)
+    seen = []
+    hook = model.blocks[1].att.value.register_forward_hook(lambda module, args, out: seen.append(out))
+    hooked, _ = _decode(model, tokens[:2])
+    hook.remove()
+    assert len(seen) == 2
     plain_head = torch.nn.Linear(128, 300, bias=False)
     plain_head.weight = model.head.weight
     model.head = plain_head
@@ -214,4 +220,4 @@ def test_native_step_falls_back_where_it_does_not_apply(ckpt_factory, native_ste
     assert native_step_calls() == 0
     with torch_only:
         plain, _ = _decode(model, tokens)
-    assert _err(wide, plain) <= TOL and _err(narrow, plain[:2]) <= TOL
+    assert _err(wide, plain) <= TOL and _err(narrow, plain[:2]) <= TOL and _err(hooked, plain[:2]) <= TOL

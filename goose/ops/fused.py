@@ -61,11 +61,12 @@ def time_mix_step(r: Tensor, k: Tensor, v: Tensor, mixed: Tensor, params: Sequen
 class Decoder:
     """A model's whole decode step as one native call (``DecodeStep`` in csrc/decode.cpp), holding the model's own
     tensors: ``layers`` are each block's ``(tensors, LayerNorm epsilons)`` in DecodeStep's order, ``products``
-    each block's receptance, key, value, output, ffn key and ffn value products, then the head's."""
+    each block's receptance, key, value, output, ffn key and ffn value products, then the head's, computed for the
+    modules ``projections``."""
 
     def __init__(self, emb: Tensor, ln0: nn.LayerNorm, ln_out: nn.LayerNorm,
-                 layers: Sequence[tuple[list[Tensor], list[float]]], products: Sequence[NativeProduct],
-                 log_decay_floor: float, iclr: bool):
+                 layers: Sequence[tuple[list[Tensor], list[float]]], projections: Sequence[nn.Module],
+                 products: Sequence[NativeProduct], log_decay_floor: float, iclr: bool):
         self._step = torch.classes.goose_decode.DecodeStep(emb, ln0.weight, ln0.bias, ln0.eps, ln_out.weight,
                                                            ln_out.bias, ln_out.eps, log_decay_floor, iclr)
         for tensors, eps in layers:
@@ -73,6 +74,14 @@ class Decoder:
         for p in products:
             self._step.add_product(p.op, list(p.operands), list(p.args))
         self.max_rows = min(p.max_rows for p in products)
+        self._projections = list(projections)
+
+    def takes(self, rows: int) -> bool:
+        """Whether a step of ``rows`` sequences runs here: every kernel takes that many rows, and no forward hook
+        is registered on a projection (or globally), since the step calls no module."""
+        if rows > self.max_rows or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._projections)
 
     def __call__(self, tokens: Tensor, state, new_state) -> Tensor | None:
         """Logits ``[B, V]`` of ``tokens [B, 1]`` after ``state``, the new state written to ``new_state`` (may be
