@@ -9,6 +9,8 @@ path's own error can be smaller by chance: 1.3e-6 once, against 5.3e-6 for the p
 order), and by <= 1e-4 x std at most.
 """
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -221,3 +223,15 @@ def test_native_step_falls_back_where_it_does_not_apply(ckpt_factory, native_ste
     with torch_only:
         plain, _ = _decode(model, tokens)
     assert _err(wide, plain) <= TOL and _err(narrow, plain[:2]) <= TOL and _err(hooked, plain[:2]) <= TOL
+
+
+def test_native_step_lets_replaced_weights_go(ckpt_factory):
+    """Replacing the projections (quantize()) drops the step built on them at once, so their old weights are
+    freed then, not at the next step (quantize() converts one matrix at a time to keep memory flat)."""
+    model = load(ckpt_factory("decode_changes.pth", n_layer=2, n_embd=128, vocab_size=300, seed=6))
+    with torch.inference_mode():
+        model(torch.tensor([[7]]))
+    old = weakref.ref(model.head.weight)
+    quantize(model, "int8")
+    gc.collect()
+    assert old() is None

@@ -90,26 +90,25 @@ class Decoder:
                                new_state.wkv, new_state.ffn_shift)
 
 
-# Decoders hold a model's tensors as they were: one is kept until any module anywhere registers a parameter,
-# buffer or submodule (assigning one, quantize(), load_state_dict(assign=True), rearranging a weight layout)
-_changes = 0
-_decoders: weakref.WeakKeyDictionary[nn.Module, tuple[int, Decoder | None]] = weakref.WeakKeyDictionary()
+# Decoders hold a model's tensors as they were: they are dropped (and the tensors they held let go, e.g. the
+# weights quantize() replaces) whenever any module anywhere registers a parameter, buffer or submodule
+# (assigning one, quantize(), load_state_dict(assign=True), rearranging a weight layout)
+_decoders: weakref.WeakKeyDictionary[nn.Module, tuple[Decoder | None]] = weakref.WeakKeyDictionary()
 
 
-def _count_change(*_args) -> None:
-    global _changes
-    _changes += 1
+def _forget_decoders(*_args) -> None:
+    _decoders.clear()
 
 
 for _register in (_module.register_module_parameter_registration_hook,
                   _module.register_module_buffer_registration_hook, _module.register_module_module_registration_hook):
-    _register(_count_change)
+    _register(_forget_decoders)
 
 
 def decoder(model: nn.Module, build: Callable[[], Decoder | None], rebuild: bool = False) -> Decoder | None:
-    """``model``'s Decoder as ``build`` makes it (None: the model has no native step), made again when modules
-    changed since, or if ``rebuild``."""
+    """``model``'s Decoder as ``build`` makes it (None: the model has no native step), made again after modules
+    changed, or if ``rebuild``."""
     kept = _decoders.get(model)
-    if rebuild or kept is None or kept[0] != _changes:
-        kept = _decoders[model] = (_changes, build())
-    return kept[1]
+    if rebuild or kept is None:
+        kept = _decoders[model] = (build(),)
+    return kept[0]
