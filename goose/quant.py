@@ -185,8 +185,13 @@ class DenseLinear(_KernelLayout):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> DenseLinear:
-        m = cls(lin.in_features, lin.out_features, dtype, lin.weight.device)
-        m.weight = lin.weight.detach().to(dtype)
+        return cls.from_weight(lin.weight, dtype)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, dtype: torch.dtype) -> DenseLinear:
+        """The module for an ``[out, in]`` weight, converted to ``dtype``."""
+        m = cls(weight.shape[1], weight.shape[0], dtype, weight.device)
+        m.weight = weight.detach().to(dtype)
         m._settle()        # a copy of its own, on huge pages (decoding reads it), or rearranged into panels
         return m
 

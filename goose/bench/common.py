@@ -112,10 +112,7 @@ def _big_inference_matrix() -> torch.nn.Module:
     """``_big_matrix`` in goose's fp32 inference format (``quant.DenseLinear``: the panels layout on AVX-512)."""
     from goose.quant import DenseLinear
 
-    w = _big_matrix()
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-    lin.weight = torch.nn.Parameter(w, requires_grad=False)
-    return DenseLinear.from_linear(lin, torch.float32)
+    return DenseLinear.from_weight(_big_matrix(), torch.float32)
 
 
 def matvec_bandwidth(repeats: int = 10) -> float:

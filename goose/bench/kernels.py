@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from goose.bench.common import print_table, timed
-from goose.ops import linear
+from goose.ops import Linear
 from goose.quant import DenseLinear, Int4Linear, Int8Linear
 
 
@@ -35,15 +35,12 @@ def _layers(C: int = 768, L: int = 12, V: int = 65536) -> list[nn.Linear]:
     return layers
 
 
-class _OutIn(nn.Module):
-    """An fp32 ``[out, in]`` weight multiplied as the model's own ``nn.Linear`` layers are (``goose.ops.linear``)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight, self.in_features = weight.detach(), weight.shape[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+def _model_linear(weight: torch.Tensor) -> Linear:
+    """The model's own ``nn.Linear`` (``goose.ops.Linear``: ``[out, in]``, multiplied by ``goose.ops.linear``)
+    around ``weight``."""
+    lin = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return lin
 
 
 def _int4_args(m: Int4Linear) -> tuple:
@@ -56,7 +53,7 @@ def run(rows=(1, 4, 16, 64, 1024), repeats: int = 5) -> dict:
     n = sum(lin.weight.numel() for lin in layers)
     variants = {
         "fp32 torch F.linear (MKL)": layers,
-        "fp32 [out, in] (goose.ops.linear)": [_OutIn(m.weight) for m in layers],
+        "fp32 [out, in] (goose.ops.linear)": [_model_linear(m.weight) for m in layers],
         "fp32 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.float32) for m in layers],
         "bf16 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.bfloat16) for m in layers],
         "fp16 weights (DenseLinear: panels)": [DenseLinear.from_linear(m, torch.float16) for m in layers],
@@ -64,7 +61,8 @@ def run(rows=(1, 4, 16, 64, 1024), repeats: int = 5) -> dict:
         "int4 (group 64; native <= 64 rows, then fallback)": [Int4Linear.from_linear(m) for m in layers],
     }
     raw = {  # torch's kernels called directly at every row count, bypassing goose's choice of path
-        "fp16 F.linear, raw": ([_OutIn(m.weight.half()) for m in layers], lambda x, m: F.linear(x.half(), m.weight)),
+        "fp16 F.linear, raw": ([_model_linear(m.weight.half()) for m in layers],
+                               lambda x, m: F.linear(x.half(), m.weight)),
         "_weight_int8pack_mm, raw": (variants["int8 (native <= 64 rows, then fallback)"],
                                      lambda x, m: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), m.rows(), m.scale)),
         "_weight_int4pack_mm_for_cpu, raw": (variants["int4 (group 64; native <= 64 rows, then fallback)"],
